@@ -1,0 +1,322 @@
+"""GLUE data: read (local TSV or Hub), tokenize once (cached), and batch so the effective batch is exact.
+
+Both sources yield the same columns: ``idx``, the task's text columns (Hub names) and ``label`` (Hub ids;
+-1 for unlabelled test rows; a float for STS-B).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.config import DataConfig
+from train.tasks import Split, Task
+
+log = logging.getLogger(__name__)
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN = {"builtin:glue-sample": ASSETS / "glue_sample", "builtin:tiny-bert": ASSETS / "tiny-bert"}
+HUB_DATASET = "nyu-mll/glue"
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file (and line) and what to do."""
+
+
+def resolve_builtin(path: str) -> str:
+    """``builtin:<name>`` names a bundled asset; anything else is returned unchanged."""
+    if path.startswith("builtin:"):
+        if path not in BUILTIN:
+            raise DataError(f"unknown bundled asset '{path}'; choose one of {', '.join(BUILTIN)}")
+        return str(BUILTIN[path])
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
+    """Read one official GLUE TSV file.
+
+    Quoting is off on purpose: GLUE text contains unbalanced quotes, and csv's default quoting silently
+    merges rows. Every row must have as many fields as the header.
+    """
+    if not path.is_file():
+        raise DataError(
+            f"missing GLUE file {path} (task {task.name}, split {split.name}). Put the official GLUE download "
+            "under data.glue_dir, or unset data.glue_dir to use the Hub dataset"
+            + ("; or set eval.predict_test=false to skip test predictions" if split.kind == "test" else "")
+        )
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: MRPC starts with a BOM
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    headerless = task.tsv_label is None and split.kind != "test"  # CoLA train/dev
+    if headerless:
+        header, body, first_line = ["source", "label", "original_label", "sentence"], rows, 1
+    else:
+        header, body, first_line = rows[0], rows[1:], 2
+    columns = [*task.tsv_columns, *([] if split.kind == "test" else [task.tsv_label or "label"])]
+    for name in columns:
+        if name not in header:
+            raise DataError(f"{path}:1: expected a column '{name}' in the header, found {header}")
+    pos = {name: header.index(name) for name in header}
+    out: dict[str, list] = {"idx": [], **{c: [] for c in task.text_columns}, "label": []}
+    for n, row in enumerate(body):
+        line = first_line + n
+        if not row:
+            continue  # trailing blank line
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}:{line}: row has {len(row)} tab-separated fields, the header has {len(header)}; "
+                "fix or remove the row (GLUE files are read with quoting off)"
+            )
+        out["idx"].append(int(row[pos["index"]]) if split.kind == "test" else len(out["idx"]))
+        for hub_col, tsv_col in zip(task.text_columns, task.tsv_columns, strict=True):
+            out[hub_col].append(row[pos[tsv_col]])
+        out["label"].append(-1 if split.kind == "test" else _label(row[pos[columns[-1]]], task, path, line))
+    return out
+
+
+def _label(raw: str, task: Task, path: Path, line: int) -> int | float:
+    if task.is_regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataError(f"{path}:{line}: score '{raw}' is not a number") from None
+    names = task.tsv_labels or task.labels
+    if raw not in names:
+        raise DataError(f"{path}:{line}: label '{raw}' is not one of {list(names)} for task {task.name}")
+    return names.index(raw)
+
+
+def read_hub(task: Task, split: Split) -> dict[str, list]:
+    """The same columns from the Hub dataset ``nyu-mll/glue``."""
+    import datasets
+
+    config = split.hub_config or task.name
+    hub_split = "test" if split.hub_config else split.name
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, config, split=hub_split)
+    except Exception as e:  # network, auth, offline mode: all end here
+        raise DataError(
+            f"could not load {HUB_DATASET}/{config} split {hub_split} from the Hub ({type(e).__name__}: {e}). "
+            "Without network, set data.glue_dir to a local GLUE download, or fill the cache on a machine with "
+            "network (python -m train.prepare) and run with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
+        ) from None
+    return {c: list(ds[c]) for c in ("idx", *task.text_columns, "label")}
+
+
+def read_split(cfg: DataConfig, task: Task, split: Split) -> dict[str, list]:
+    if cfg.glue_dir is None:
+        return read_hub(task, split)
+    return read_tsv(Path(resolve_builtin(cfg.glue_dir)) / split.tsv, task, split)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizing (cached)
+
+
+def _source_id(cfg: DataConfig, task: Task, split: Split) -> str:
+    if cfg.glue_dir is None:
+        return f"hub:{HUB_DATASET}:{split.hub_config or task.name}:{split.name}"
+    path = Path(resolve_builtin(cfg.glue_dir)) / split.tsv
+    st = path.stat() if path.exists() else None
+    return f"tsv:{path.resolve()}:{st.st_size if st else 0}:{st.st_mtime_ns if st else 0}"
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("GLUE_TRAIN_CACHE") or Path.home() / ".cache" / "glue-train"
+    return Path(root) / "tokenized"
+
+
+def cache_key(cfg: DataConfig, task: Task, split: Split, tokenizer) -> str:
+    """Changes whenever the tokenizer, the task, the max length or the source file does."""
+    tok = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer)
+    h = hashlib.sha256()
+    for part in (tok, task.name, split.name, str(cfg.max_length), _source_id(cfg, task, split), "v1"):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"{task.name}-{split.name}-{h.hexdigest()[:16]}"
+
+
+def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_first=None):
+    """Tokenized ``datasets.Dataset`` for one split, from the cache when present.
+
+    The main process tokenizes and writes the cache; the others wait (``main_first``) and read it.
+    """
+    import datasets
+
+    path = cache_root(cfg) / cache_key(cfg, task, split, tokenizer)
+    with main_first() if main_first else contextlib.nullcontext():
+        if (path / "dataset_info.json").exists():
+            log.info("tokenized cache hit: %s", path)
+            return datasets.load_from_disk(str(path))
+        raw = datasets.Dataset.from_dict(read_split(cfg, task, split))
+
+        def encode(batch: dict) -> dict:
+            texts = [batch[c] for c in task.text_columns]
+            enc = tokenizer(*texts, truncation=True, max_length=cfg.max_length)
+            return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"]}
+
+        ds = raw.map(encode, batched=True, remove_columns=list(task.text_columns), desc=f"tokenize {split.name}")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        ds.save_to_disk(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # readers never see a half-written cache
+        log.info("tokenized %s/%s (%d rows) -> %s", task.name, split.name, len(ds), path)
+        return datasets.load_from_disk(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batching
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the effective batch is split: ``effective = per_device * accum * world``."""
+
+    effective: int
+    per_device: int
+    accum: int
+    world: int
+
+    @classmethod
+    def derive(cls, effective: int, per_device: int | None, world: int) -> Layout:
+        if per_device is None:
+            if effective % world:
+                raise ValueError(
+                    f"train.effective_batch_size={effective} is not divisible by the world size {world}; "
+                    f"use a world size that divides it, or set train.per_device_batch_size to a divisor of "
+                    f"{effective}/{world} that makes it exact"
+                )
+            per_device = effective // world
+        if per_device > effective:
+            raise ValueError(
+                f"train.per_device_batch_size={per_device} is larger than train.effective_batch_size={effective}"
+            )
+        if effective % (per_device * world):
+            raise ValueError(
+                f"train.effective_batch_size={effective} is not divisible by "
+                f"train.per_device_batch_size={per_device} x world size {world} = {per_device * world}; "
+                "gradient accumulation must be a whole number of steps. Choose per_device_batch_size so that "
+                f"per_device_batch_size x {world} divides {effective}"
+            )
+        return cls(effective, per_device, effective // (per_device * world), world)
+
+    def describe(self) -> str:
+        return (
+            f"effective batch {self.effective} = {self.per_device} per device x {self.accum} accumulation "
+            f"x {self.world} processes"
+        )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of one epoch: a function of seed and epoch only, never of the world size."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class PlanSampler:
+    """Yields this rank's micro-batches, ``accum`` per optimizer step, as lists of ``(index, weight)``.
+
+    Each global batch of ``effective`` samples (the last one may be short) is cut into ``world * accum``
+    slots of ``per_device`` samples; slots past the end are filled with weight-0 copies of a real sample so
+    every rank runs the same number of forwards with the same shape, and a short batch still gets the exact
+    mean over its real samples.
+    """
+
+    def __init__(self, n: int, layout: Layout, rank: int, seed: int):
+        self.n, self.layout, self.rank, self.seed = n, layout, rank, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.layout.effective)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        order = epoch_order(self.n, self.seed, self.epoch)
+        return order[step * self.layout.effective : (step + 1) * self.layout.effective]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch() - self.start) * self.layout.accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        lay = self.layout
+        order = epoch_order(self.n, self.seed, self.epoch)
+        for step in range(self.start, self.steps_per_epoch()):
+            batch = order[step * lay.effective : (step + 1) * lay.effective]
+            padded = np.full(lay.effective, -1)
+            padded[: len(batch)] = batch
+            for a in range(lay.accum):
+                lo = (a * lay.world + self.rank) * lay.per_device
+                yield [(int(i), 1.0) if i >= 0 else (int(batch[0]), 0.0) for i in padded[lo : lo + lay.per_device]]
+
+
+class Weighted(torch.utils.data.Dataset):
+    """Wraps a tokenized dataset so ``ds[(i, w)]`` returns row ``i`` with a loss weight ``w``."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, w = key if isinstance(key, tuple) else (key, 1.0)
+        row = self.ds[i]
+        row["weight"] = w
+        return row
+
+
+def make_collator(pad_id: int, regression: bool, pad_to_multiple_of: int | None = None) -> Callable:
+    """Dynamic padding: each batch is padded to its longest row (rounded up to a multiple if asked)."""
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        types = torch.zeros((len(rows), longest), dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[j, :n] = torch.tensor(r["input_ids"])
+            types[j, :n] = torch.tensor(r["token_type_ids"])
+            mask[j, :n] = 1
+        return {
+            "input_ids": ids,
+            "token_type_ids": types,
+            "attention_mask": mask,
+            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.float if regression else torch.long),
+            "weight": torch.tensor([r.get("weight", 1.0) for r in rows], dtype=torch.float),
+            "idx": torch.tensor([r["idx"] for r in rows], dtype=torch.long),
+        }
+
+    return collate
+
+
+def train_loader(ds, sampler: PlanSampler, collate: Callable, num_workers: int, pin: bool):
+    return torch.utils.data.DataLoader(
+        Weighted(ds), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=pin
+    )
+
+
+def eval_loader(ds, batch_size: int, collate: Callable, num_workers: int, pin: bool):
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers, pin_memory=pin
+    )
+
+
+def dataset_summary(ds) -> str:
+    return json.dumps({"rows": len(ds)})

@@ -1,0 +1,89 @@
+"""The distributed environment: one Accelerator, the right backend for the hardware, and loud failures.
+
+Launch pitfalls handled here (measured): ``torchrun`` with a plain ``Accelerator()`` on a machine without
+GPUs makes every process rank 0, and ``accelerate launch --cpu --num_processes 2`` runs ONE process. We read
+the launcher's WORLD_SIZE, choose CPU+gloo ourselves when there is no GPU, and refuse to go on if the
+Accelerator's world differs from the launcher's (never N unsynchronised copies).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from train.config import ConfigError
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def uses_deepspeed() -> bool:
+    """DeepSpeed is chosen by the launch config (``accelerate launch --config_file configs/accelerate/zero*.yaml``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            "precision=fp16 needs a CUDA GPU (Accelerate would silently train in fp32 on CPU); "
+            "use precision=bf16 or precision=no on CPU"
+        )
+    return precision
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    # DeepSpeed insists on a process group; without a launcher it would reach for MPI.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def make_accelerator(precision: str, accum: int):
+    """An Accelerator for this launch; ``accum`` is derived from the world size before it exists."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    mixed = resolve_precision(precision, cuda)
+    world = launched_world_size()
+    kwargs, cpu = [], False
+    if not cuda:
+        if uses_deepspeed():
+            _single_process_env()
+            kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # cpu=True would silently drop DeepSpeed
+        else:
+            cpu = True  # MULTI_CPU over gloo under torchrun / accelerate launch
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed,
+        gradient_accumulation_steps=accum,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=kwargs,
+    )
+    if acc.num_processes != world:
+        raise RuntimeError(
+            f"the launcher started a world of {world} processes (WORLD_SIZE) but Accelerate formed one of "
+            f"{acc.num_processes}; refusing to train unsynchronised copies. On CPU use "
+            "`torchrun --nproc_per_node N -m train` or `accelerate launch --multi_gpu --num_processes N -m train` "
+            "(not `accelerate launch --cpu`, which starts one process)"
+        )
+    return acc
+
+
+def device_name(acc) -> str:
+    if acc.device.type == "cuda":
+        return torch.cuda.get_device_name(acc.device)
+    return acc.device.type
