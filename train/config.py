@@ -76,6 +76,12 @@ class TrainConfig:
     adam_eps: float = f(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = f(1.0, "clip the global gradient norm to this (None: no clipping)")
     log_every: int = f(10, "log train metrics every N optimizer steps")
+    max_nonfinite_skips: int = f(
+        0,
+        "bf16/fp32: skip up to N optimizer steps whose loss or grad norm is not finite, then stop with an "
+        "error (0: stop at the first, detected at the next log/checkpoint/eval; N>0 reads the norm every step). "
+        "fp16: overflow steps are skipped by the loss scaler and counted in train/skipped_steps",
+    )
 
 
 @dataclass
@@ -94,6 +100,35 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    fused_adam: bool = f(
+        False,
+        "under a DeepSpeed launch, use DeepSpeed's fused Adam (FusedAdam on GPU, DeepSpeedCPUAdam when the "
+        "optimizer is offloaded; compiled on first use) instead of torch.optim.AdamW; same AdamW math",
+    )
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = f(
+        None, "W&B project; unset = $WANDB_PROJECT; W&B is off when neither is set (metrics.jsonl is always written)"
+    )
+    entity: str | None = f(None, "W&B entity (user or team); unset = $WANDB_ENTITY or your default entity")
+    mode: Literal["online", "offline", "disabled"] | None = f(
+        None, "online, offline (compute nodes without network; `wandb sync` later) or disabled; unset = $WANDB_MODE or online"
+    )
+    name: str | None = f(None, "run name; unset = <task>-<model>-s<seed>")
+    group: str | None = f(None, "run group, e.g. the sweep name")
+    tags: list[str] = f([], "run tags (comma-separated on the command line)")
+    dir: str | None = f(None, "where W&B writes its files (a wandb/ folder inside); unset = $WANDB_DIR or output_dir")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     seed: int = f(42, "seed for model init, data order and dropout")
     precision: Literal["auto", "no", "bf16", "fp16"] = f(
@@ -108,6 +143,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,6 +177,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{source}: '{key}' cannot be None")
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() not in args:
+            value = {False: "no", True: "yes"}[value]  # YAML 1.1 reads a bare `no` as False
         if value not in args:
             raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
         return value
@@ -274,6 +313,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.train.max_nonfinite_skips < 0:
+        raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.train.lr <= 0:
