@@ -12,8 +12,16 @@ from conftest import SMOKE, load_weights, run_train
 
 from train.tracking import read_metrics
 
-COMMON = ["model.dropout=0", "precision=no", "data.max_train_samples=150", "train.epochs=1",
-          "train.log_every=1", "eval.predict_test=false", "train.lr=2e-5", "train.warmup_ratio=0.2"]
+COMMON = [
+    "model.dropout=0",
+    "precision=no",
+    "data.max_train_samples=150",
+    "train.epochs=1",
+    "train.log_every=1",
+    "eval.predict_test=false",
+    "train.lr=2e-5",
+    "train.warmup_ratio=0.2",
+]
 LAYOUTS = {"1x16": (1, None), "1x4acc4": (1, 4), "2x8": (2, None), "2x2acc4": (2, 2)}
 
 
@@ -37,7 +45,11 @@ def test_layouts_derive_accumulation(runs):
 
     info = {name: json.loads((d / "run_info.json").read_text()) for name, d in runs.items()}
     assert [(i["world_size"], i["per_device_batch_size"], i["grad_accum_steps"]) for i in info.values()] == [
-        (1, 16, 1), (1, 4, 4), (2, 8, 1), (2, 2, 4)]
+        (1, 16, 1),
+        (1, 4, 4),
+        (2, 8, 1),
+        (2, 2, 4),
+    ]
 
 
 def test_same_weights_losses_and_lr(runs):
@@ -52,7 +64,9 @@ def test_same_weights_losses_and_lr(runs):
             assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5), (name, a["step"])
         w = load_weights(d)
         for key, ref in ref_w.items():
-            torch.testing.assert_close(w[key], ref, rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{name} {k}: {m}")
+            torch.testing.assert_close(
+                w[key], ref, rtol=1e-5, atol=1e-7, msg=lambda m, k=key, n=name: f"{n} {k}: {m}"
+            )
         assert rel_diff(flat(w), flat(ref_w)) <= 1e-5, name
 
 
@@ -70,7 +84,9 @@ def test_training_moved_the_weights(runs, tmp_path):
 
     from train.data import resolve_builtin
 
-    init = AutoModelForSequenceClassification.from_pretrained(resolve_builtin("builtin:tiny-bert"), num_labels=2)
+    init = AutoModelForSequenceClassification.from_pretrained(
+        resolve_builtin("builtin:tiny-bert"), num_labels=2
+    )
     trained = load_weights(runs["1x16"])
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert rel_diff(trained[key], init.state_dict()[key]) > 5e-4
