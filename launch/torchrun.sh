@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Start `python -m train` under torchrun. Knobs are environment variables; every argument goes to the program.
+#
+#   bash launch/torchrun.sh --config configs/tasks/sst2.yaml              # all GPUs of this machine
+#   NPROC=2 bash launch/torchrun.sh --config configs/smoke.yaml           # 2 processes (CPU/gloo without a GPU)
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node01 MASTER_PORT=29500 bash launch/torchrun.sh --config ...   # on each node
+#
+# Knobs (default):
+#   NPROC          processes on this node (the GPUs: CUDA_VISIBLE_DEVICES / nvidia-smi; 1 without a GPU)
+#   NNODES         nodes (1). With 1 node torchrun runs --standalone (a free local port, no clashes).
+#   NODE_RANK      this node's rank (0)
+#   MASTER_ADDR    rendezvous host, the head node (127.0.0.1)
+#   MASTER_PORT    rendezvous port (29500)
+#   RDZV_BACKEND   c10d (default for NNODES > 1) or static (uses NODE_RANK, MASTER_ADDR, MASTER_PORT as given)
+#   RDZV_ID        rendezvous id shared by all nodes of one run ($SLURM_JOB_ID or "glue")
+#   TORCHRUN       torchrun command ("torchrun"; "python -m torch.distributed.run" works too)
+#   TORCHRUN_ARGS  extra torchrun options, word-split (e.g. "--max_restarts 0 --log_dir logs")
+#   FORWARD_SIGNALS 1: SIGUSR1/SIGTERM sent to this script go to the training processes (never to torchrun,
+#                  which SIGUSR1 would kill; torchrun ignores SIGUSR1). 0: exec torchrun directly.
+#   DRY_RUN        1: print the resolved command and exit
+# The batch size arithmetic lives in the program (it derives gradient accumulation from the world size).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# `-m train` must import this checkout even when started from elsewhere (e.g. a SLURM spool dir)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+count_gpus() {
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != "-1" ]]; then
+        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
+    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        nvidia-smi -L | grep -c '^GPU'
+    else
+        echo 1
+    fi
+}
+
+NPROC=${NPROC:-$(count_gpus)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-glue}}
+FORWARD_SIGNALS=${FORWARD_SIGNALS:-1}
+read -r -a launcher <<<"${TORCHRUN:-torchrun}"
+read -r -a extra <<<"${TORCHRUN_ARGS:-}"
+
+if [[ $NNODES == 1 ]]; then
+    RDZV_BACKEND=${RDZV_BACKEND:-standalone}
+else
+    RDZV_BACKEND=${RDZV_BACKEND:-c10d}
+fi
+case $RDZV_BACKEND in
+    standalone) rdzv=(--standalone --nnodes 1) ;;
+    c10d) rdzv=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --rdzv_backend c10d
+                --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID") ;;
+    static) rdzv=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
+                  --master_port "$MASTER_PORT") ;;
+    *) echo "launch/torchrun.sh: RDZV_BACKEND must be standalone, c10d or static, not '$RDZV_BACKEND'" >&2; exit 2 ;;
+esac
+
+cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node "$NPROC" "${extra[@]}" -m train "$@")
+echo "+ $(printf '%q ' "${cmd[@]}")" | sed 's/ $//' >&2
+[[ ${DRY_RUN:-0} == 1 ]] && exit 0
+
+# shellcheck source=launch/forward_signals.sh
+source "$ROOT/launch/forward_signals.sh"
+if [[ $FORWARD_SIGNALS == 1 ]]; then
+    run_forwarding "${cmd[@]}"
+else
+    trap '' USR1   # inherited as "ignored" by torchrun; the training processes install their own handler
+    exec "${cmd[@]}"
+fi

@@ -1,0 +1,328 @@
+"""The SLURM scripts on a real SLURM: slurmctld + two slurmd (nodes n1, n2) on this machine, CPU processes.
+
+Start the cluster first (root; installs Debian 12's slurm packages when missing):
+    tests/slurm/cluster.sh start && pytest -m slurm tests/test_slurm.py; tests/slurm/cluster.sh stop
+Without `sinfo` the tests skip. When slurm is installed but our cluster is not up, the module starts it with
+cluster.sh (as root) and stops it again at the end.
+
+All runs share one training config (fp32, dropout 0, 64 optimizer steps of 8 accumulated micro-batches on a world of
+2), so every run, interrupted or not, must end with the same weights as the uninterrupted train.sbatch run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, SMOKE, load_weights
+
+pytestmark = pytest.mark.slurm
+
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+TOTAL_STEPS = 64  # smoke: 512 rows / 16 per step x 2 epochs
+RUN_ARGS = [
+    "--config", str(SMOKE),
+    "model.dropout=0", "precision=no",
+    "train.per_device_batch_size=1",  # 8 accumulated micro-batches per step: slow enough to be signalled mid-run
+    "train.log_every=1", "checkpoint.every_steps=40", "eval.predict_test=false",
+]
+CPU_SBATCH = ["--gres=none", "--cpus-per-task=2"]  # the scripts' #SBATCH lines ask for GPUs
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if shutil.which("sinfo") is None:
+        pytest.skip("SLURM is not installed (no `sinfo`): run `tests/slurm/cluster.sh start` (root, Debian 12) first")
+    if _sh(str(CLUSTER), "status", check=False).returncode == 0:
+        yield
+        return
+    conf = Path("/etc/slurm/slurm.conf")
+    ours = not conf.exists() or "glue-slurm-test" in conf.read_text(errors="replace")
+    if os.geteuid() != 0 or not ours:
+        pytest.skip("the test SLURM cluster is not up: run `tests/slurm/cluster.sh start` (root) first")
+    _sh(str(CLUSTER), "start", timeout=300)
+    yield
+    _sh(str(CLUSTER), "stop", check=False, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def submit(script: str, args: list[str], sbatch_opts: list[str], cwd: Path, env: dict | None = None) -> str:
+    full_env = {**os.environ, "GLUE_ROOT": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    for k in [k for k in full_env if k.startswith("SLURM_")]:  # if pytest itself runs inside a SLURM job
+        del full_env[k]
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *sbatch_opts, str(REPO / "slurm" / script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict[str, str] | None:
+    proc = _sh("scontrol", "-o", "show", "job", job, check=False)
+    if proc.returncode or not proc.stdout.strip():
+        return None
+    info = {}
+    for line in proc.stdout.strip().splitlines():  # one line per array task
+        for m in re.finditer(r"(\w+)=(\S*)", line):
+            info.setdefault(m.group(1), m.group(2))
+    return info
+
+
+def wait_jobs(jobs: list[str], timeout: float, on_poll=None) -> dict[str, dict[str, str]]:
+    """Poll until every job reaches a final state (a requeued job goes back to PENDING and is waited for)."""
+    t0, last, done = time.time(), {}, {}
+    while time.time() - t0 < timeout:
+        for job in [j for j in jobs if j not in done]:
+            info = job_info(job)
+            if info is None:  # purged MinJobAge (4 s) after it ended: the last state we saw is final
+                assert job in last, f"job {job} unknown to slurmctld"
+                done[job] = last[job]
+                continue
+            last[job] = info
+            if on_poll:
+                on_poll(info)
+            if info["JobState"] in TERMINAL:
+                done[job] = info
+        if len(done) == len(jobs):
+            return done
+        time.sleep(0.5)
+    for job in jobs:
+        _sh("scancel", job, check=False)
+    raise AssertionError(f"jobs {jobs} not finished after {timeout:.0f}s: {last}")
+
+
+def wait_job(job: str, timeout: float, on_poll=None) -> dict[str, str]:
+    return wait_jobs([job], timeout, on_poll)[job]
+
+
+def train_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            rows.append(json.loads(line))
+    return [r for r in rows if "train/loss" in r]
+
+
+def wait_for_steps(out: Path, job: str, n: int, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if len(train_rows(out)) >= n:
+            return
+        info = job_info(job)
+        assert info is None or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} ended early: {info}"
+        time.sleep(0.2)
+    raise AssertionError(f"job {job}: fewer than {n} steps in {out}/metrics.jsonl after {timeout}s")
+
+
+def log_of(cwd: Path, job: str) -> str:
+    logs = sorted(cwd.glob(f"*-{job}*.out"))
+    return "\n".join(p.read_text(errors="replace") for p in logs)
+
+
+def assert_finished(out: Path, cwd: Path, job: str, info: dict, world: int = 2) -> None:
+    log = log_of(cwd, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n--- log ---\n{log[-6000:]}"
+    assert (out / "eval_results.json").exists(), log[-6000:]
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["world_size"] == world
+    steps = [r["step"] for r in train_rows(out)]
+    assert steps == list(range(1, TOTAL_STEPS + 1)), f"steps trained twice or skipped: {steps}"
+
+
+def assert_same_weights(out: Path, ref: Path) -> None:
+    a, b = load_weights(out), load_weights(ref)
+    assert a.keys() == b.keys()
+    for k in b:
+        denom = max(float(b[k].double().norm()), 1e-12)
+        rel = float((a[k].double() - b[k].double()).norm()) / denom
+        assert rel <= 1e-6, f"{k}: relative difference {rel:.3g} from the uninterrupted run"
+
+
+def assert_resumed_mid_epoch(out: Path, cwd: Path, job: str, restarts: int = 1) -> int:
+    log = log_of(cwd, job)
+    info = json.loads((out / "slurm_info.json").read_text())
+    assert [s["restart_count"] for s in info["starts"]] == list(range(restarts + 1)), info
+    assert all(s["slurm"]["SLURM_JOB_ID"] == job for s in info["starts"])
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["slurm"].get("SLURM_RESTART_COUNT") == str(restarts), run_info["slurm"]
+    m = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert m, f"no resume in the log:\n{log[-6000:]}"
+    step = int(m.group(1))
+    assert 0 < step < TOTAL_STEPS and step % (TOTAL_STEPS // 2) != 0, f"resumed at step {step}: not mid-epoch"
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. one node, 2 processes: also the reference run for the others
+
+
+@pytest.fixture(scope="module")
+def reference(workdir) -> Path:
+    out = workdir / "reference"
+    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"], CPU_SBATCH + ["-o", "%x-%j.out"], workdir,
+                 env={"PROCS_PER_NODE": "2"})
+    info = wait_job(job, 300)
+    assert_finished(out, workdir, job, info)
+    return out
+
+
+def test_train_sbatch_one_node_two_processes(reference, workdir):
+    out = reference
+    info = json.loads((out / "slurm_info.json").read_text())
+    (start,) = info["starts"]
+    assert start["restart_count"] == 0 and start["procs_per_node"] == 2 and start["script"] == "train.sbatch"
+    sha = _sh("git", "-C", str(REPO), "rev-parse", "HEAD").stdout.strip()
+    assert info["git_sha"] == start["git_sha"] == sha
+    assert start["slurm"]["SLURM_JOB_NUM_NODES"] == "1"
+    assert (out / "config.yaml").exists() and (out / "final" / "model.safetensors").exists()
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["slurm"]["SLURM_JOB_ID"] == start["slurm"]["SLURM_JOB_ID"]
+    assert "SLURM_RESTART_COUNT" not in run_info["slurm"]
+    log = workdir / f"glue-train-{start['slurm']['SLURM_JOB_ID']}.out"  # %x-%j.out
+    assert log.exists() and "--nproc_per_node 2" in log.read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. two nodes x 1 process: one torch.distributed world across the nodes
+
+
+def test_multinode_two_nodes(reference, workdir):
+    out = workdir / "multinode"
+    job = submit("multinode.sbatch", [*RUN_ARGS, f"output_dir={out}"],
+                 [*CPU_SBATCH, "--nodes=2", "-o", "%x-%j.out"], workdir, env={"PROCS_PER_NODE": "1"})
+    info = wait_job(job, 300)
+    assert_finished(out, workdir, job, info)
+    assert info["NodeList"] == "n[1-2]"
+    log = log_of(workdir, job)
+    assert "--node_rank 0" in log and "--node_rank 1" in log and "--rdzv_endpoint n1:" in log
+    start = json.loads((out / "slurm_info.json").read_text())["starts"][0]
+    assert start["slurm"]["SLURM_JOB_NUM_NODES"] == "2" and start["procs_per_node"] == 1
+    assert_same_weights(out, reference)  # the same world of 2, the same steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. preemption: signal -> checkpoint -> requeue -> resume mid-epoch -> the same weights, every step once
+
+
+def test_preempt_usr1_to_batch_shell(reference, workdir):
+    out = workdir / "usr1"
+    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"], CPU_SBATCH + ["-o", "%x-%j.out"], workdir,
+                 env={"PROCS_PER_NODE": "2"})
+    wait_for_steps(out, job, 10)
+    _sh("scancel", "--signal=USR1", "--batch", job)
+    info = wait_job(job, 300)
+    assert_finished(out, workdir, job, info)
+    assert info["Restarts"] == "1"
+    step = assert_resumed_mid_epoch(out, workdir, job)
+    assert step >= 10
+    assert "SIGUSR1 received: forwarded to workers" in log_of(workdir, job)
+    assert_same_weights(out, reference)
+
+
+def test_preempt_time_limit_signal(reference, workdir):
+    """--time=1 with --signal=B:USR1@55: SLURM signals the batch shell 5-35 s after the start (it checks about
+    every 30 s). Once requeued, the test lifts the limit so the second run can finish."""
+    out = workdir / "timelimit"
+    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"],
+                 [*CPU_SBATCH, "--time=1", "--signal=B:USR1@55", "-o", "%x-%j.out"], workdir,
+                 env={"PROCS_PER_NODE": "2"})
+    lifted = []
+
+    def lift(info):
+        if not lifted and int(info.get("Restarts", "0")) >= 1:
+            _sh("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+            lifted.append(True)
+
+    info = wait_job(job, 420, on_poll=lift)
+    assert_finished(out, workdir, job, info)
+    assert info["Restarts"] == "1"
+    assert_resumed_mid_epoch(out, workdir, job)
+    assert_same_weights(out, reference)
+
+
+def test_preempt_by_high_priority_partition(reference, workdir):
+    """A job in `low` is preempted (REQUEUE, GraceTime 15 s) by a job in `high` that needs its node: SLURM sends
+    the job's --signal (B:USR1) at preemption; the run checkpoints and requeues before the grace time ends."""
+    out = workdir / "partition"
+    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"],
+                 [*CPU_SBATCH, "--partition=low", "--nodelist=n1", "--exclusive", "-o", "%x-%j.out"], workdir,
+                 env={"PROCS_PER_NODE": "2"})
+    wait_for_steps(out, job, 5)
+    marker = workdir / "high-ran"
+    high = _sh("sbatch", "--parsable", "--partition=high", "--nodelist=n1", "--exclusive",
+               "-o", str(workdir / "high-%j.out"), "--wrap", f"touch {marker}; sleep 1").stdout.strip()
+    info = wait_job(job, 420)
+    assert_finished(out, workdir, job, info)
+    assert info["Restarts"] == "1"
+    assert marker.exists(), f"the high-priority job {high} did not run"
+    assert_resumed_mid_epoch(out, workdir, job)
+    assert_same_weights(out, reference)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. job array over a list file
+
+
+def test_sweep_array_two_lines(workdir):
+    sweep = workdir / "sweep"
+    sweep.mkdir()
+    listfile = sweep / "list.txt"
+    common = f"config={SMOKE} output_dir={sweep}/{{task}}-s{{seed}} train.max_steps=6 eval.predict_test=false"
+    listfile.write_text(f"# task seed overrides\n\nsst2 11 {common}\n  # a comment\nsst2 12 {common} train.lr=5e-4\n")
+    job = submit("sweep.sbatch", [str(listfile), "train.log_every=2"], [*CPU_SBATCH, "--array=0-1"], sweep,
+                 env={"PROCS_PER_NODE": "1"})
+    seen = wait_jobs([f"{job}_0", f"{job}_1"], 300)
+
+    for i, seed, lr in ((0, 11, 1e-3), (1, 12, 5e-4)):
+        log = sweep / f"glue-sweep-{job}_{i}.out"  # %x-%A_%a.out
+        assert log.exists(), sorted(p.name for p in sweep.iterdir())
+        text = log.read_text()
+        assert seen[f"{job}_{i}"]["JobState"] == "COMPLETED", f"{seen[f'{job}_{i}']}\n{text[-4000:]}"
+        out = sweep / f"sst2-s{seed}"
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        assert cfg["seed"] == seed and cfg["data"]["task"] == "sst2" and cfg["train"]["lr"] == lr
+        assert cfg["train"]["max_steps"] == 6 and cfg["train"]["log_every"] == 2
+        assert (out / "eval_results.json").exists()
+        start = json.loads((out / "slurm_info.json").read_text())["starts"][0]
+        assert start["slurm"]["SLURM_ARRAY_JOB_ID"] == job and start["slurm"]["SLURM_ARRAY_TASK_ID"] == str(i)
+        assert start["script"] == "sweep.sbatch"
+
+
+def test_sweep_rejects_bad_list(workdir):
+    d = workdir / "badsweep"
+    d.mkdir()
+    listfile = d / "list.txt"
+    listfile.write_text("sst2 notaseed\n")
+    job = submit("sweep.sbatch", [str(listfile)], [*CPU_SBATCH, "--array=0-1"], d)
+    for info in wait_jobs([f"{job}_0", f"{job}_1"], 60).values():
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
+    text = "\n".join(p.read_text() for p in d.glob("*.out"))
+    assert "expected '<task> <seed>" in text and "has only 1 run line" in text
