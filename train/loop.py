@@ -22,7 +22,7 @@ from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer
 from train.preempt import StopFlag, requeue_if_slurm
 from train.tasks import Split, Task, get_task
-from train.tracking import MetricsLog
+from train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class TrainState:
     best_score: float = -math.inf
     best: dict = field(default_factory=dict)  # {"step", "epoch", "splits"} of the best eval
     last_eval: dict = field(default_factory=dict)  # the same for the latest eval
+    wandb_run_id: str | None = None  # the W&B run a resume continues (train/tracking.py)
 
     @property
     def last_eval_step(self) -> int:
@@ -59,7 +60,7 @@ class Run:
     eval_loaders: dict[Split, object]
     test_loaders: dict[Split, object]
     total_steps: int
-    metrics: MetricsLog
+    metrics: Tracker  # metrics.jsonl + W&B (train/tracking.py)
     stop: StopFlag
     state: TrainState = field(default_factory=TrainState)
 
@@ -174,10 +175,12 @@ def setup(cfg: Config) -> Run:
     acc.register_for_checkpointing(scheduler)
 
     run = Run(cfg, task, out, acc, layout, tokenizer, model, optimizer, scheduler, sampler, loader, evals, tests,
-              total, MetricsLog(out / "metrics.jsonl", acc.is_main_process), StopFlag())
+              total, Tracker(cfg, out, acc.is_main_process), StopFlag())
     run.stop.install()
     resume(run)
     write_run_info(run, len(train_ds), steps_per_epoch)
+    run.state.wandb_run_id = run.metrics.start(run.state.wandb_run_id, run.state.global_step, acc.unwrap_model(model),
+                                               acc.device, dist.device_name(acc), cfg.precision, layout.world)
     log.info("%s; %d optimizer steps (%d per epoch); precision %s; device %s", layout.describe(), total,
              steps_per_epoch, cfg.precision, dist.device_name(acc))
     return run
@@ -267,7 +270,8 @@ def train_one_epoch(run: Run) -> None:
     micro = 0
     for batch in run.train_loader:
         n_real = len(run.sampler.global_batch(st.step_in_epoch))
-        tokens = int(batch["attention_mask"].sum())  # host-side count, no device sync
+        mask = batch["attention_mask"]  # host-side counts, no device sync: real tokens of real samples
+        tokens, padded = int((mask.sum(1) * (batch["weight"] > 0)).sum()), mask.numel()
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
         with acc.accumulate(run.model):
             losses = per_sample_loss(forward(run, batch), batch["labels"], run.task.is_regression)
@@ -277,7 +281,7 @@ def train_one_epoch(run: Run) -> None:
                 norm = acc.clip_grad_norm_(run.model.parameters(), cfg.train.max_grad_norm or math.inf)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        win.add(weighted.detach(), tokens, int(batch["weight"].shape[0]))
+        win.add(weighted.detach(), tokens, int(batch["weight"].shape[0]), padded)
         micro += 1
         if micro % lay.accum:
             continue
@@ -306,10 +310,12 @@ class Window:
         self.loss = torch.zeros((), device=device)
         self.norm = torch.zeros((), device=device)
         self.samples, self.steps, self.tokens, self.slots, self.lr = 0, 0, 0, 0, 0.0
+        self.padded = 0  # token slots computed (real + pad)
         self.t0 = time.perf_counter()
 
-    def add(self, weighted_loss: torch.Tensor, tokens: int, slots: int) -> None:
+    def add(self, weighted_loss: torch.Tensor, tokens: int, slots: int, padded: int = 0) -> None:
         self.loss += weighted_loss
+        self.padded += padded
         self.tokens += tokens
         self.slots += slots
 
@@ -323,7 +329,9 @@ class Window:
 
 def log_train(run: Run, win: Window) -> None:
     acc = run.acc
-    loss_sum = acc.reduce(win.loss.clone(), reduction="sum")  # every rank's share of the window
+    counts = torch.tensor([win.tokens, win.padded], dtype=torch.float64).to(win.loss.device)
+    sums = acc.reduce(torch.cat([win.loss.double().view(1), counts]), reduction="sum")  # every rank's share
+    loss_sum, tokens, padded = sums.tolist()  # the one device read of the window
     elapsed = time.perf_counter() - win.t0
     row = {
         "step": run.state.global_step,
@@ -333,6 +341,8 @@ def log_train(run: Run, win: Window) -> None:
         "train/grad_norm": float(win.norm) / max(1, win.steps),
         "perf/samples_per_s": win.samples / elapsed,
     }
+    row["train/epoch"] = row["epoch"]
+    row.update(run.metrics.throughput(tokens, padded, elapsed))  # perf/tokens_per_s, padding, mfu, memory
     if not math.isfinite(row["train/loss"]):
         log.error("non-finite training loss at step %d", run.state.global_step)
     run.metrics.write(row)
@@ -360,6 +370,7 @@ def preempt(run: Run) -> None:
     save_checkpoint(run)
     if run.acc.is_main_process:
         requeue_if_slurm()
+    run.metrics.close(preempted=True)
     run.acc.wait_for_everyone()
     run.acc.end_training()
 
@@ -408,6 +419,7 @@ def evaluate_and_track(run: Run) -> dict:
     if score > st.best_score:
         st.best_score = score
         st.best = {"step": st.global_step, "epoch": row["epoch"], "splits": results}
+        run.metrics.best(row)  # best/<metric> in the W&B summary
         checkpoint.export_model(run.acc, run.model, run.tokenizer, run.out / "best")
         write_test_predictions(run)
     run.model.train()
@@ -457,6 +469,7 @@ def finish(run: Run) -> dict:
         tmp = run.out / "eval_results.json.tmp"
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(run.out / "eval_results.json")
+    run.metrics.close()
     run.acc.wait_for_everyone()
     run.acc.end_training()
     return results
