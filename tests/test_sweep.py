@@ -117,6 +117,10 @@ def test_plan_folders_commands_and_override_sets(tmp_path: Path, config_dir: Pat
     assert single[0].name == "rte-s1" and single[0].overrides == ("train.lr=3e-5",)
     with pytest.raises(sweep.SweepError, match="--grid"):
         sweep.override_sets(["train.lr"])
+    with pytest.raises(sweep.SweepError, match="same folder tag"):
+        sweep.plan(["rte"], [1], tmp_path, config_dir, grid=["data.glue_dir=a/b,a_b"])
+    with pytest.raises(sweep.SweepError, match="sets seed and output_dir"):
+        sweep.plan(["rte"], [1], tmp_path, config_dir, ["output_dir=/x"])
 
 
 def test_check_plan_reports_every_problem_before_running(tmp_path: Path, config_dir: Path):

@@ -140,11 +140,27 @@ def plan(
 ) -> list[SweepRun]:
     """The sweep's runs: tasks × seeds × override sets, in that order."""
     out, cfg_dir = Path(out).resolve(), resolve_config_dir(config_dir)
+    sets = override_sets(list(grid))
+    _check_reserved([*overrides, *(o for _, extra in sets for o in extra)])
+    tags = [tag for tag, _ in sets]
+    if len(set(tags)) != len(tags):
+        raise SweepError(f"--grid values give the same folder tag twice: {tags}")
     runs = []
-    for task, seed, (tag, extra) in itertools.product(tasks, seeds, override_sets(list(grid))):
+    for task, seed, (tag, extra) in itertools.product(tasks, seeds, sets):
         folder = out / run_name(task, seed, tag)
         runs.append(SweepRun(task, seed, tag, (*overrides, *extra), folder, cfg_dir / f"{task}.yaml"))
     return runs
+
+
+RESERVED = ("seed", "output_dir")  # set per run by the sweep
+
+
+def _check_reserved(overrides: list[str]) -> None:
+    bad = [o for o in overrides if o.split("=", 1)[0].strip() in RESERVED]
+    if bad:
+        raise SweepError(
+            f"the sweep sets seed and output_dir of each run itself (--seeds, --out); drop {bad}"
+        )
 
 
 DRIFT_IGNORED = ("output_dir", "overwrite", "precision", "checkpoint", "tracking")
