@@ -215,3 +215,22 @@ def test_resume_mid_epoch_skips_consumed_batches():
 def test_impossible_batch_split_is_a_clear_error(effective, per_device, world, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         Layout.derive(effective, per_device, world)
+
+
+def test_mnli_layout_three_dev_and_test_files():
+    task = TASKS["mnli"]
+    n = {s.name: len(read_tsv(FIXTURES / s.tsv, task, s)["idx"]) for s in task.splits}
+    assert n == {"train": 96, "validation_matched": 20, "validation_mismatched": 18, "test_matched": 12,
+                 "test_mismatched": 11, "test_ax": 15}
+    dev = read_tsv(FIXTURES / "MNLI/dev_matched.tsv", task, split_of("mnli", "validation_matched"))
+    assert dev["label"][:3] == [0, 1, 2]  # gold_label, not label1..5; Hub ids entailment/neutral/contradiction
+    ax = read_tsv(FIXTURES / "diagnostic/diagnostic.tsv", task, split_of("mnli", "test_ax"))
+    assert ax["premise"][0] == "The cat sat on the mat." and ax["idx"][-1] == 14
+
+
+def test_qqp_layout_test_file_has_id_column():
+    task = TASKS["qqp"]
+    test = read_tsv(FIXTURES / "QQP/test.tsv", task, split_of("qqp", "test"))
+    assert test["idx"] == list(range(6)) and test["label"] == [-1] * 6
+    train = read_tsv(FIXTURES / "QQP/train.tsv", task, split_of("qqp", "train"))
+    assert train["idx"] == list(range(40)) and set(train["label"]) == {0, 1}
