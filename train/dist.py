@@ -58,6 +58,10 @@ def make_accelerator(precision: str, accum: int):
 
     cuda = torch.cuda.is_available()
     mixed = resolve_precision(precision, cuda)
+    if uses_deepspeed():
+        from train import backend
+
+        backend.locate_config_file()  # Accelerate reads the DeepSpeed JSON while it is created
     world = launched_world_size()
     kwargs, cpu = [], False
     if not cuda:

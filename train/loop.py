@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train import checkpoint, data, dist
+from train import backend, checkpoint, data, dist
 from train.config import Config, ConfigError, dump, to_dict
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer
@@ -101,13 +101,13 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+            ndim = backend.param_ndim(p)  # ZeRO-3 partitioned parameters are empty until gathered
+            (no_decay if ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    return backend.make_optimizer(cfg, groups)  # torch AdamW, or DeepSpeed's fused Adam if configured
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -168,7 +168,8 @@ def setup(cfg: Config) -> Run:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total)
     # The scheduler is not prepared: Accelerate would step it once per process per step.
-    prepared = acc.prepare(model, optimizer, *evals.values(), *tests.values())
+    # backend.prepare = acc.prepare, with the DeepSpeed config (if any) filled from the run config first
+    prepared = backend.prepare(acc, cfg, layout, model, optimizer, *evals.values(), *tests.values())
     model, optimizer, rest = prepared[0], prepared[1], list(prepared[2:])
     evals = dict(zip(evals, rest[: len(evals)], strict=True))
     tests = dict(zip(tests, rest[len(evals) :], strict=True))
@@ -278,7 +279,8 @@ def train_one_epoch(run: Run) -> None:
             weighted = (losses * batch["weight"]).sum()
             acc.backward(weighted * (world_scale / n_real))
             if acc.sync_gradients:
-                norm = acc.clip_grad_norm_(run.model.parameters(), cfg.train.max_grad_norm or math.inf)
+                # clip + global norm; under DeepSpeed the engine clipped inside its step and reports the norm
+                norm = backend.grad_norm(acc, run.model, cfg.train.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         win.add(weighted.detach(), tokens, int(batch["weight"].shape[0]), padded)
