@@ -57,6 +57,12 @@ class DataConfig:
     )
     num_workers: int = f(0, "DataLoader worker processes per rank")
     pad_to_multiple_of: int | None = f(None, "pad each batch's length up to a multiple of N (None: longest in batch)")
+    group_by_length: bool = f(
+        False,
+        "build each optimizer step's batch from rows of similar length (shuffled per epoch, deterministic per "
+        "seed and epoch; every row once per epoch). Less padding, but it CHANGES the batch composition, so runs "
+        "are not comparable step for step with group_by_length=false",
+    )
 
 
 @dataclass
@@ -129,6 +135,26 @@ class TrackingConfig:
 
 
 @dataclass
+class FastConfig:
+    enabled: bool | Literal["auto"] = f(
+        "auto",
+        "fast path (torch.compile + CUDA graphs, bucketed padding, fused AdamW; train/fastpath.py): auto = on for "
+        "CUDA without DeepSpeed; true forces it (CPU too: compile only); the reason is logged when it is off",
+    )
+    compile: bool = f(True, "fast path: torch.compile forward+loss (+backward) for train and eval")
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = f(
+        "auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on one GPU, default otherwise"
+    )
+    backend: str = f("inductor", "torch.compile backend; aot_eager traces the same graphs without code generation")
+    bucket_multiple: int = f(32, "fast path: pad batch lengths up to a multiple of N (capped at data.max_length)")
+    buckets: list[int] | None = f(
+        None, "fast path: a fixed set of padded lengths instead of multiples (data.max_length is always added)"
+    )
+    fused_adamw: bool = f(True, "fast path: torch.optim.AdamW(fused=True), one kernel for the whole update")
+    precompile: bool = f(True, "fast path: compile every bucket shape before the first step (no compiles later)")
+
+
+@dataclass
 class Config:
     seed: int = f(42, "seed for model init, data order and dropout")
     precision: Literal["auto", "no", "bf16", "fp16"] = f(
@@ -143,6 +169,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -296,6 +323,7 @@ def validate(cfg: Config) -> None:
         "data.max_length": cfg.data.max_length,
         "train.log_every": cfg.train.log_every,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "fast.bucket_multiple": cfg.fast.bucket_multiple,
     }
     for opt in (
         "train.per_device_batch_size",
@@ -317,6 +345,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.fast.buckets is not None and (not cfg.fast.buckets or min(cfg.fast.buckets) <= 0):
+        raise ConfigError(f"fast.buckets must be positive lengths, got {cfg.fast.buckets}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}")
     if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:

@@ -6,6 +6,7 @@ Both sources yield the same columns: ``idx``, the task's text columns (Hub names
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import hashlib
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def grouped_order(lengths: np.ndarray, effective: int, seed: int, epoch: int, window: int = 50) -> np.ndarray:
+    """A length-grouped epoch order (``data.group_by_length``): rows of similar length share a global batch.
+
+    The epoch's shuffled order is cut into windows of ``window`` global batches, each window is sorted by
+    length (longest first), cut into global batches of ``effective`` rows, and the full batches are shuffled
+    (the short last batch, if any, stays last). A function of lengths, seed and epoch only, never of the world
+    size; every row appears exactly once.
+    """
+    n = len(lengths)
+    order = epoch_order(n, seed, epoch)
+    chunk = effective * window
+    parts = [o[np.argsort(-lengths[o], kind="stable")] for o in (order[s : s + chunk] for s in range(0, n, chunk))]
+    if parts:
+        order = np.concatenate(parts)
+    full = n // effective
+    head = order[: full * effective].reshape(full, effective)
+    head = head[np.random.default_rng([seed, epoch, 1]).permutation(full)]
+    return np.concatenate([head.reshape(-1), order[full * effective :]])
+
+
 class PlanSampler:
     """Yields this rank's micro-batches, ``accum`` per optimizer step, as lists of ``(index, weight)``.
 
@@ -234,9 +255,13 @@ class PlanSampler:
     mean over its real samples.
     """
 
-    def __init__(self, n: int, layout: Layout, rank: int, seed: int):
+    def __init__(self, n: int, layout: Layout, rank: int, seed: int, lengths: np.ndarray | None = None):
         self.n, self.layout, self.rank, self.seed = n, layout, rank, seed
         self.epoch, self.start = 0, 0
+        self.lengths = None if lengths is None else np.asarray(lengths)  # set: length-grouped batches
+        if self.lengths is not None and len(self.lengths) != n:
+            raise ValueError(f"{len(self.lengths)} row lengths for {n} rows")
+        self._order: tuple[int, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start = epoch, start_step
@@ -244,16 +269,25 @@ class PlanSampler:
     def steps_per_epoch(self) -> int:
         return -(-self.n // self.layout.effective)
 
+    def order(self) -> np.ndarray:
+        """This epoch's row order, computed once per epoch (a permutation of MNLI costs ~4 ms: not per step)."""
+        if self._order is None or self._order[0] != self.epoch:
+            if self.lengths is None:
+                order = epoch_order(self.n, self.seed, self.epoch)
+            else:
+                order = grouped_order(self.lengths, self.layout.effective, self.seed, self.epoch)
+            self._order = (self.epoch, order)
+        return self._order[1]
+
     def global_batch(self, step: int) -> np.ndarray:
-        order = epoch_order(self.n, self.seed, self.epoch)
-        return order[step * self.layout.effective : (step + 1) * self.layout.effective]
+        return self.order()[step * self.layout.effective : (step + 1) * self.layout.effective]
 
     def __len__(self) -> int:
         return (self.steps_per_epoch() - self.start) * self.layout.accum
 
     def __iter__(self) -> Iterator[list[tuple[int, float]]]:
         lay = self.layout
-        order = epoch_order(self.n, self.seed, self.epoch)
+        order = self.order()
         for step in range(self.start, self.steps_per_epoch()):
             batch = order[step * lay.effective : (step + 1) * lay.effective]
             padded = np.full(lay.effective, -1)
@@ -263,44 +297,92 @@ class PlanSampler:
                 yield [(int(i), 1.0) if i >= 0 else (int(batch[0]), 0.0) for i in padded[lo : lo + lay.per_device]]
 
 
-class Weighted(torch.utils.data.Dataset):
-    """Wraps a tokenized dataset so ``ds[(i, w)]`` returns row ``i`` with a loss weight ``w``."""
+class Packed:
+    """A tokenized split as flat numpy arrays + offsets, read once from its Arrow table.
+
+    A ``datasets.Dataset`` row lookup costs ~45 us (measured: 0.7 ms for a batch of 16, plus 0.9 ms to
+    collate Python lists); here a row is two array slices.
+    """
 
     def __init__(self, ds):
-        self.ds = ds
+        table = ds.with_format("arrow")[:]  # honours select()/indices mappings
+        self.ids, self.id_offsets = self._flat(table.column("input_ids"))
+        self.types, self.type_offsets = self._flat(table.column("token_type_ids"))
+        self.labels = table.column("label").to_numpy()
+        self.idx = table.column("idx").to_numpy()
+
+    @staticmethod
+    def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+        arr = column.combine_chunks()
+        return arr.values.to_numpy(), np.asarray(arr.offsets)  # offsets index into values (slices included)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.labels)
 
-    def __getitem__(self, key):
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.id_offsets)
+
+    def row(self, i: int, weight: float = 1.0) -> dict:
+        a, b = self.id_offsets[i], self.id_offsets[i + 1]
+        c, d = self.type_offsets[i], self.type_offsets[i + 1]
+        return {"input_ids": self.ids[a:b], "token_type_ids": self.types[c:d], "label": self.labels[i],
+                "idx": self.idx[i], "weight": weight}
+
+
+def row_lengths(ds) -> np.ndarray:
+    """Tokens per row of a tokenized split (for ``data.group_by_length``)."""
+    return Packed(ds).lengths()
+
+
+class Weighted(torch.utils.data.Dataset):
+    """Wraps a tokenized dataset so ``ds[(i, w)]`` returns row ``i`` with a loss weight ``w`` (``ds[i]``: 1)."""
+
+    def __init__(self, ds):
+        self.rows = ds if isinstance(ds, Packed) else Packed(ds)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> dict:
         i, w = key if isinstance(key, tuple) else (key, 1.0)
-        row = self.ds[i]
-        row["weight"] = w
-        return row
+        return self.rows.row(int(i), w)
+
+    def __getitems__(self, keys: list) -> list[dict]:  # the DataLoader fetches a whole batch in one call
+        return [self[k] for k in keys]
 
 
-def make_collator(pad_id: int, regression: bool, pad_to_multiple_of: int | None = None) -> Callable:
-    """Dynamic padding: each batch is padded to its longest row (rounded up to a multiple if asked)."""
+def make_collator(pad_id: int, regression: bool, pad_to_multiple_of: int | None = None,
+                  buckets: Sequence[int] | None = None) -> Callable:
+    """Dynamic padding: each batch is padded to its longest row (rounded up to a multiple if asked), or, with
+    ``buckets`` (the fast path's few fixed lengths), to the smallest bucket that holds it."""
+    sizes = sorted(buckets) if buckets else None
+
+    def padded_length(longest: int) -> int:
+        if sizes:
+            i = bisect.bisect_left(sizes, longest)
+            return sizes[i] if i < len(sizes) else longest
+        if pad_to_multiple_of:
+            return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        return longest
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        if pad_to_multiple_of:
-            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        types = torch.zeros((len(rows), longest), dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for j, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[j, :n] = torch.tensor(r["input_ids"])
-            types[j, :n] = torch.tensor(r["token_type_ids"])
+        lens = [len(r["input_ids"]) for r in rows]
+        length = padded_length(max(lens))
+        ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+        types = np.zeros((len(rows), length), dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        for j, (r, n) in enumerate(zip(rows, lens, strict=True)):
+            ids[j, :n] = r["input_ids"]
+            types[j, :n] = r["token_type_ids"]
             mask[j, :n] = 1
         return {
-            "input_ids": ids,
-            "token_type_ids": types,
-            "attention_mask": mask,
-            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.float if regression else torch.long),
-            "weight": torch.tensor([r.get("weight", 1.0) for r in rows], dtype=torch.float),
-            "idx": torch.tensor([r["idx"] for r in rows], dtype=torch.long),
+            "input_ids": torch.from_numpy(ids),
+            "token_type_ids": torch.from_numpy(types),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.tensor(np.asarray([r["label"] for r in rows]),
+                                   dtype=torch.float if regression else torch.long),
+            "weight": torch.tensor([float(r.get("weight", 1.0)) for r in rows], dtype=torch.float),
+            "idx": torch.tensor(np.asarray([r["idx"] for r in rows]), dtype=torch.long),
         }
 
     return collate
@@ -314,7 +396,8 @@ def train_loader(ds, sampler: PlanSampler, collate: Callable, num_workers: int, 
 
 def eval_loader(ds, batch_size: int, collate: Callable, num_workers: int, pin: bool):
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers, pin_memory=pin
+        Weighted(ds), batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+        pin_memory=pin
     )
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from train import backend, checkpoint, data, dist
 from train.config import Config, ConfigError, dump, to_dict
+from train.fastpath import FastPath, attach, decide, use_fused_adamw
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer
 from train.preempt import StopFlag, requeue_if_slurm
@@ -63,6 +64,7 @@ class Run:
     metrics: Tracker  # metrics.jsonl + W&B (train/tracking.py)
     stop: StopFlag
     state: TrainState = field(default_factory=TrainState)
+    fast: FastPath | None = None  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,6 +132,7 @@ def setup(cfg: Config) -> Run:
                                 dist.launched_world_size())
     acc = dist.make_accelerator(cfg.precision, layout.accum)
     cfg.precision = acc.mixed_precision if acc.mixed_precision != "no" else "no"
+    fast = decide(cfg, acc.device, dist.uses_deepspeed(), layout.world)  # logged (with its reason) by attach
     out = output_dir(cfg)
     check_output_dir(cfg, out)
     acc.wait_for_everyone()
@@ -147,9 +150,11 @@ def setup(cfg: Config) -> Run:
     train_ds = data.tokenize_split(cfg.data, task, splits["train"][0], tokenizer, main_first)
     if cfg.data.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
-    collate = data.make_collator(tokenizer.pad_token_id, task.is_regression, cfg.data.pad_to_multiple_of)
+    collate = data.make_collator(tokenizer.pad_token_id, task.is_regression, cfg.data.pad_to_multiple_of,
+                                 buckets=fast.buckets)
     pin = acc.device.type == "cuda"
-    sampler = data.PlanSampler(len(train_ds), layout, acc.process_index, cfg.seed)
+    lengths = data.row_lengths(train_ds) if cfg.data.group_by_length else None
+    sampler = data.PlanSampler(len(train_ds), layout, acc.process_index, cfg.seed, lengths)
     loader = data.train_loader(train_ds, sampler, collate, cfg.data.num_workers, pin)
 
     def eval_dl(split: Split, limit: int | None):
@@ -166,6 +171,8 @@ def setup(cfg: Config) -> Run:
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     optimizer = build_optimizer(cfg, model)
+    if fast.fused_adamw:
+        optimizer = use_fused_adamw(optimizer)
     scheduler = build_scheduler(cfg, optimizer, total)
     # The scheduler is not prepared: Accelerate would step it once per process per step.
     # backend.prepare = acc.prepare, with the DeepSpeed config (if any) filled from the run config first
@@ -179,6 +186,7 @@ def setup(cfg: Config) -> Run:
               total, Tracker(cfg, out, acc.is_main_process), StopFlag())
     run.stop.install()
     resume(run)
+    run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
     write_run_info(run, len(train_ds), steps_per_epoch)
     run.state.wandb_run_id = run.metrics.start(run.state.wandb_run_id, run.state.global_step, acc.unwrap_model(model),
                                                acc.device, dist.device_name(acc), cfg.precision, layout.world)
@@ -275,14 +283,14 @@ def train_one_epoch(run: Run) -> None:
         tokens, padded = int((mask.sum(1) * (batch["weight"] > 0)).sum()), mask.numel()
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
         with acc.accumulate(run.model):
-            losses = per_sample_loss(forward(run, batch), batch["labels"], run.task.is_regression)
+            losses = run.fast.train_losses(batch)  # forward + per-sample loss (one graph on the fast path)
             weighted = (losses * batch["weight"]).sum()
             acc.backward(weighted * (world_scale / n_real))
             if acc.sync_gradients:
                 # clip + global norm; under DeepSpeed the engine clipped inside its step and reports the norm
                 norm = backend.grad_norm(acc, run.model, cfg.train.max_grad_norm)
             run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=run.fast.set_to_none)
         win.add(weighted.detach(), tokens, int(batch["weight"].shape[0]), padded)
         micro += 1
         if micro % lay.accum:
@@ -342,6 +350,7 @@ def log_train(run: Run, win: Window) -> None:
         "train/lr": win.lr,
         "train/grad_norm": float(win.norm) / max(1, win.steps),
         "perf/samples_per_s": win.samples / elapsed,
+        **run.fast.metrics(),  # perf/compiled_graphs, perf/recompiles on the fast path
     }
     row["train/epoch"] = row["epoch"]
     row.update(run.metrics.throughput(tokens, padded, elapsed))  # perf/tokens_per_s, padding, mfu, memory
@@ -387,7 +396,7 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
     run.model.eval()
     parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": []}
     for batch in loader:
-        logits = forward(run, batch)
+        logits = run.fast.eval_logits(batch)
         labels = batch["labels"]
         losses = per_sample_loss(logits, labels.clamp(min=0) if not run.task.is_regression else labels,
                                  run.task.is_regression)

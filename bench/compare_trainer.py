@@ -1,0 +1,394 @@
+"""HF Trainer (run_glue.py settings) vs this project's loop (eager and fast path): same process, device, data.
+
+    python bench/compare_trainer.py                                  # random bert-base shape, MNLI-like lengths
+    python bench/compare_trainer.py --lengths fixed128 --out bench/results/x.jsonl
+    python bench/compare_trainer.py --model tiny --steps 5 --warmup 2 --fast-backend aot_eager   # CPU smoke
+
+Prints one JSON line per path (``trainer``, ``loop_eager``, ``loop_fast``) on stdout; logs go to stderr.
+
+What is timed: optimizer steps ``warmup+1 .. warmup+steps`` of each path, between two device synchronisations
+(the rate excludes warm-up and compilation; ``warmup_s`` reports them: for the fast path that is the up-front
+compilation of every bucket shape plus the first ``warmup`` steps). Every path trains the same randomly
+initialised model (saved once, loaded by each) on the same tokenized rows, at the same effective batch.
+
+Data (``--lengths``): ``fixed128`` = every row 128 tokens (sentences longer than ``max_length``, truncated);
+``mnli`` = lengths drawn from a log-normal with mean ~39 tokens, clipped to [6, 128] (MNLI-like; the real MNLI
+train file is not bundled); or a GLUE task folder (e.g. ``../shared/glue/RTE``): its real train rows. Synthetic
+sentences are made of whole-word tokens of the tokenizer, so a sentence of k words is k+2 tokens.
+
+The Trainer runs with ``run_glue.py``'s settings: ``TrainingArguments`` defaults (fused AdamW, linear schedule,
+``max_grad_norm=1``, ``logging_steps=500``, no eval or saving during the timed steps), ``learning_rate=2e-5``,
+bf16 on GPUs that have it, ``per_device_train_batch_size`` = the batch; padding: ``--trainer-padding dynamic``
+(``run_glue.py --pad_to_max_length False``: ``DataCollatorWithPadding``, the default here) or ``max_length``
+(run_glue's default ``--pad_to_max_length True``: every row padded to 128). For ``fixed128`` both are the same.
+
+Metrics: ``samples_per_s``; ``ms_per_step``; ``real_tokens_per_s`` = samples/s x the mean real (unpadded)
+length of the training rows; ``mfu`` = model FLOPs/s / the device's dense bf16 peak, with model FLOPs per sample
+= 6 * N * len + 12 * layers * hidden * len^2 (N = non-embedding parameters; fwd+bwd = 3x fwd; attention
+scores and weighted sum counted; averaged over the rows' real lengths, so padding is not counted as useful
+work). Peaks (dense bf16, no sparsity): H100 SXM / H200 989.4 TFLOP/s, H100 PCIe 756, A100 312; ``null`` on
+CPU and unknown devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+log = logging.getLogger("bench")
+TINY = REPO / "train" / "assets" / "tiny-bert"
+PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100", 989.4e12), ("A100", 312e12))
+PRESETS = {  # random-init shapes; the tokenizer is the bundled one (ids < 2000 fit every vocabulary here)
+    "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "intermediate_size": 3072, "vocab_size": 30522},
+    "bert-small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "intermediate_size": 1024, "vocab_size": 30522},
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "vocab_size": 2000},
+}
+PATHS = ("trainer", "loop_eager", "loop_fast")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bert-base",
+                   help=f"a preset ({', '.join(PRESETS)}: random init, no download) or a local model folder")
+    p.add_argument("--lengths", default="mnli", help="fixed128 | mnli | a GLUE task folder (real train rows)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--batch", type=int, default=16, help="effective batch (one process: per-device batch)")
+    p.add_argument("--steps", type=int, default=200, help="timed optimizer steps per path")
+    p.add_argument("--warmup", type=int, default=30, help="untimed optimizer steps before timing")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--trainer-padding", default="dynamic", choices=["dynamic", "max_length"])
+    p.add_argument("--fast-backend", default="inductor", help="torch.compile backend of the fast path")
+    p.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for the fast path, e.g. --fast fast.bucket_multiple=16")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--workdir", help="keep the model, data and run folders here (default: a temp dir, removed)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model and data (built once, used by every path)
+
+
+def make_model_dir(spec: str, root: Path, num_labels: int, seed: int) -> Path:
+    if spec not in PRESETS:
+        return Path(spec)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(**PRESETS[spec], num_labels=num_labels, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    out = root / f"model-{spec}"
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(TINY / name, out / name)
+    return out
+
+
+def whole_words() -> list[str]:
+    words = [w.strip() for w in (TINY / "vocab.txt").read_text().splitlines()]
+    return [w for w in words if w.isalpha() and w.islower() and len(w) > 1]
+
+
+def write_synthetic(kind: str, root: Path, rows: int, max_length: int, seed: int) -> Path:
+    """SST-2-format files whose rows tokenize to the wanted lengths (k words -> k + 2 tokens)."""
+    rng = np.random.default_rng(seed)
+    words = np.array(whole_words())
+    if kind == "fixed128":
+        lengths = np.full(rows, max_length + 8)  # longer than max_length: truncated to exactly max_length
+    elif kind == "mnli":
+        sigma = 0.45
+        lengths = np.clip(np.round(rng.lognormal(math.log(39) - sigma**2 / 2, sigma, rows)), 6, max_length)
+    else:
+        raise SystemExit(f"--lengths: unknown kind {kind!r}")
+    folder = root / "glue" / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def sentence(n: int) -> str:
+        return " ".join(rng.choice(words, size=max(1, int(n) - 2)))
+
+    lines = ["sentence\tlabel"] + [f"{sentence(n)}\t{int(rng.integers(2))}" for n in lengths]
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    dev = ["sentence\tlabel"] + [f"{sentence(n)}\t{int(rng.integers(2))}" for n in lengths[:64]]
+    (folder / "dev.tsv").write_text("\n".join(dev) + "\n")
+    (folder / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{sentence(9)}\n" for i in range(8)))
+    return root / "glue"
+
+
+def task_of_folder(folder: Path) -> str:
+    from train.tasks import TASKS
+
+    for name, task in TASKS.items():
+        if task.dir == folder.name:
+            return name
+    raise SystemExit(f"--lengths {folder}: not a GLUE task folder (expected one of "
+                     f"{', '.join(t.dir for t in TASKS.values())})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+
+
+def peak_flops(name: str) -> float | None:
+    for key, peak in PEAK_BF16:
+        if key in name:
+            return peak
+    return None
+
+
+def flops_per_sample(model: torch.nn.Module, lengths: np.ndarray) -> float:
+    from train.fastpath import mfu_flops_per_sample
+
+    cfg = model.config
+    embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    n = sum(p.numel() for p in model.parameters()) - embed
+    return mfu_flops_per_sample(n, cfg.num_hidden_layers, cfg.hidden_size, float(lengths.mean()),
+                                float((lengths.astype(np.float64) ** 2).mean()))
+
+
+def versions() -> dict:
+    import accelerate
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "git": sha}
+
+
+def reset_accelerate() -> None:
+    """The Trainer and the loop each build an Accelerator; its state is a process-wide singleton."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the paths
+
+
+def run_trainer(a: argparse.Namespace, model_dir: Path, train_ds, root: Path, precision: str) -> dict:
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the files the loop loads too
+    ds = train_ds.rename_column("label", "labels").remove_columns(["idx"])
+    if a.trainer_padding == "max_length":
+        def pad_row(r: dict) -> dict:
+            n = len(r["input_ids"])
+            pad = a.max_length - n
+            return {"input_ids": r["input_ids"] + [tokenizer.pad_token_id] * pad,
+                    "token_type_ids": r["token_type_ids"] + [0] * pad, "attention_mask": [1] * n + [0] * pad}
+        ds = ds.map(pad_row)
+        collator = default_data_collator
+    else:
+        collator = DataCollatorWithPadding(tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    total = a.warmup + a.steps
+    marks: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ARG002
+            marks[0] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ARG002
+            if state.global_step in (a.warmup, total):
+                sync(args.device)
+                marks[state.global_step] = time.perf_counter()
+
+    args = TrainingArguments(
+        output_dir=str(root / "trainer"), per_device_train_batch_size=a.batch, learning_rate=2e-5,
+        max_steps=total, bf16=precision == "bf16", fp16=precision == "fp16", save_strategy="no",
+        eval_strategy="no", report_to="none", seed=a.seed, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Clock()])
+    trainer.train()
+    device = args.device
+    out = {"warmup_s": marks[a.warmup] - marks[0], "timed_s": marks[total] - marks[a.warmup],
+           "device": device, "model": model}
+    del trainer
+    return out
+
+
+def run_loop(a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, root: Path, fast: bool) -> dict:
+    from train import loop
+    from train.config import load_config
+
+    name = "loop_fast" if fast else "loop_eager"
+    overrides = [
+        f"data.task={task}", f"data.glue_dir={glue_dir}", f"model.name_or_path={model_dir}",
+        f"data.max_length={a.max_length}", f"data.cache_dir={root / 'cache'}", f"output_dir={root / name}",
+        f"train.effective_batch_size={a.batch}", "train.epochs=1", f"train.max_steps={a.warmup + a.steps}",
+        "train.lr=2e-5", "eval.every_epoch=false", "eval.predict_test=false", f"precision={a.precision}",
+        f"seed={a.seed}", "checkpoint.resume=never",
+        f"fast.enabled={'true' if fast else 'false'}", f"fast.backend={a.fast_backend}", *(a.fast if fast else []),
+    ]
+    cfg = load_config(None, overrides)
+    t0 = time.perf_counter()
+    run = loop.setup(cfg)
+    compile_s = run.fast.warmup_s
+    device = run.acc.device
+    total = run.total_steps
+    run.total_steps = a.warmup
+    t1 = time.perf_counter()
+    loop.train_one_epoch(run)
+    sync(device)
+    t2 = time.perf_counter()
+    run.total_steps = total
+    loop.train_one_epoch(run)
+    sync(device)
+    t3 = time.perf_counter()
+    if run.state.global_step != total:
+        raise RuntimeError(f"{name}: ran {run.state.global_step} steps, wanted {total} (too few rows?)")
+    out = {"warmup_s": compile_s + (t2 - t1), "timed_s": t3 - t2, "device": device,
+           "model": run.acc.unwrap_model(run.model), "setup_s": t1 - t0 - compile_s,
+           "fast_path": run.fast.decision.describe(), **run.fast.metrics()}
+    run.acc.end_training()
+    del run
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    stdout, sys.stdout = sys.stdout, sys.stderr  # only the JSON lines go to stdout (the Trainer prints too)
+    try:
+        return measure(a, stdout)
+    finally:
+        sys.stdout = stdout
+
+
+def measure(a: argparse.Namespace, stdout) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("train.fastpath").setLevel(logging.INFO)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from train import data
+    from train.config import load_config
+    from train.model import load_tokenizer
+    from train.tasks import get_task
+
+    paths = [p for p in a.paths.split(",") if p]
+    for p in paths:
+        if p not in PATHS:
+            raise SystemExit(f"--paths: unknown path {p!r} (choose from {', '.join(PATHS)})")
+    root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = (a.warmup + a.steps) * a.batch
+    if a.lengths in ("fixed128", "mnli"):
+        glue_dir, task_name = write_synthetic(a.lengths, root, rows, a.max_length, a.seed), "sst2"
+    else:
+        folder = Path(a.lengths).resolve()
+        glue_dir, task_name = folder.parent, task_of_folder(folder)
+    task = get_task(task_name)
+    model_dir = make_model_dir(a.model, root, task.num_labels or 1, a.seed)
+
+    # tokenize once (the project's cache); both the Trainer and the loop read these rows
+    cfg = load_config(None, [f"data.task={task_name}", f"data.glue_dir={glue_dir}", f"model.name_or_path={model_dir}",
+                             f"data.max_length={a.max_length}", f"data.cache_dir={root / 'cache'}"])
+    train_ds = data.tokenize_split(cfg.data, task, task.split("train")[0], load_tokenizer(cfg))
+    if len(train_ds) < rows:
+        raise SystemExit(f"{a.lengths}: {len(train_ds)} training rows, the run needs {rows}; lower --steps")
+    lengths = data.row_lengths(train_ds)
+    cuda = torch.cuda.is_available()
+    precision = a.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+
+    common = {"model": a.model, "lengths": a.lengths, "batch": a.batch, "steps": a.steps, "warmup_steps": a.warmup,
+              "precision": precision, "mean_real_length": round(float(lengths.mean()), 2),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "versions": versions()}
+    trainer_rate = None
+    for path in paths:
+        reset_accelerate()
+        free()
+        if path == "trainer":
+            res = run_trainer(a, model_dir, train_ds, root, precision)
+        else:
+            res = run_loop(a, model_dir, glue_dir, task_name, root, fast=path == "loop_fast")
+        device, model = res.pop("device"), res.pop("model")
+        name = device_name(torch.device(device))
+        rate = a.steps * a.batch / res["timed_s"]
+        flops = flops_per_sample(model, lengths)
+        peak = peak_flops(name) if torch.device(device).type == "cuda" else None
+        row = {
+            "path": path, **common, "device": name,
+            "samples_per_s": round(rate, 2), "ms_per_step": round(1e3 * res["timed_s"] / a.steps, 3),
+            "real_tokens_per_s": round(rate * float(lengths.mean()), 1),
+            "mfu": round(flops * rate / peak, 4) if peak else None, "peak_flops": peak,
+            "model_flops_per_sample": round(flops),
+            "warmup_s": round(res.pop("warmup_s"), 2), "timed_s": round(res.pop("timed_s"), 3),
+            **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()},
+        }
+        if path == "trainer":
+            trainer_rate = rate
+        row["ratio_to_trainer"] = round(rate / trainer_rate, 3) if trainer_rate else None
+        line = json.dumps(row)
+        print(line, file=stdout, flush=True)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(a.out, "a") as fh:
+                fh.write(line + "\n")
+        del model
+        if path == "loop_fast":
+            torch._dynamo.reset()
+    if not a.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The fast path (issue 7): compiled, CUDA-graphed steps over bucketed padding, with fused AdamW.
+
+At effective batch 16, BERT fine-tuning is bound by per-step overhead (kernel launches, Python, host-device
+syncs), not by FLOPs. On CUDA (without DeepSpeed) this module, when ``fast.enabled`` allows it:
+
+- compiles forward + per-sample loss (and so, through AOTAutograd, the backward) with ``torch.compile``;
+  ``mode="reduce-overhead"`` replays each graph as a CUDA graph (one launch instead of hundreds);
+- pads every batch to one of a few bucket lengths (``fast.bucket_multiple`` or ``fast.buckets``) so only a
+  few shapes are ever compiled; the batch dimension is already constant (the batch plan pads each micro-batch
+  to ``per_device_batch_size`` rows with weight-0 rows), and eval batches are padded to ``eval.batch_size``
+  rows here; all shapes are compiled up front (``fast.precompile``) and any compile after that is logged as
+  a recompile;
+- swaps the optimizer to ``torch.optim.AdamW(fused=True)`` (one kernel for all parameters);
+- needs no host-device sync inside a step: loss and grad norm stay in the loop's device accumulators
+  (``Window``, read every ``train.log_every`` steps) and ``clip_grad_norm_`` scales without reading the norm.
+
+Where it cannot apply it degrades to the eager code path and logs the reason once: on CPU (``auto``), under
+DeepSpeed (its engine owns backward and the optimizer step), or when switched off (``fast.enabled=false``).
+``fast.enabled=true`` forces compilation on CPU too (inductor's C++ backend, or ``fast.backend=aot_eager``),
+which is how the CPU tests check the compiled graphs against eager.
+
+Bucketed padding does not change the math for the real tokens: padded key positions get an additive
+``-inf``-like mask and the classifier reads position 0 only; ``tests/test_fastpath.py`` checks it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from train.config import Config
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "weight")
+
+
+def bucket_lengths(max_length: int, multiple: int, fixed: list[int] | None = None) -> tuple[int, ...]:
+    """The padded lengths a batch may have: ``fixed`` (capped) or every multiple of ``multiple``, plus max_length."""
+    out = {b for b in fixed if 0 < b < max_length} if fixed else set(range(multiple, max_length, multiple))
+    out.add(max_length)  # tokenization truncates to max_length, so every row fits the last bucket
+    return tuple(sorted(out))
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``length`` tokens (the longest bucket if none does)."""
+    i = bisect.bisect_left(buckets, length)
+    return buckets[min(i, len(buckets) - 1)] if length <= buckets[-1] else length
+
+
+@dataclass
+class Decision:
+    """What the fast path does on this run, and why (logged once at setup)."""
+
+    enabled: bool
+    reason: str
+    compile: bool = False
+    mode: str | None = None  # torch.compile mode (inductor only)
+    backend: str = "inductor"
+    cudagraphs: bool = False
+    fused_adamw: bool = False
+    buckets: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"fast path off: {self.reason}"
+        parts = [f"compile backend={self.backend} mode={self.mode}" if self.compile else "no compile",
+                 f"CUDA graphs {'on' if self.cudagraphs else 'off'}",
+                 f"fused AdamW {'on' if self.fused_adamw else 'off'}",
+                 f"padding buckets {list(self.buckets or ())}"]
+        return f"fast path on ({self.reason}): " + ", ".join(parts)
+
+
+def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> Decision:
+    """Whether and how to use the fast path on this device and backend."""
+    fc = cfg.fast
+    cuda = device.type == "cuda"
+    if fc.enabled is False:
+        return Decision(False, "fast.enabled=false")
+    if deepspeed:
+        return Decision(False, "DeepSpeed owns backward and the optimizer step (its engine is not compiled "
+                               "here); eager path")
+    if fc.enabled == "auto" and not cuda:
+        return Decision(False, f"no CUDA device ({device.type}); eager path (fast.enabled=true forces compile)")
+    reason = "fast.enabled=true" if fc.enabled is True else "auto: CUDA without DeepSpeed"
+    mode = fc.compile_mode
+    if mode == "auto":
+        # CUDA graphs under DDP are untested here (no multi-GPU machine); plain compile is the safe default.
+        mode = "reduce-overhead" if cuda and world == 1 else "default"
+    if fc.backend != "inductor":
+        mode = None  # modes are inductor options; other backends (aot_eager, eager) take none
+    cudagraphs = cuda and fc.compile and mode in ("reduce-overhead", "max-autotune")
+    buckets = bucket_lengths(cfg.data.max_length, fc.bucket_multiple, fc.buckets)
+    return Decision(True, reason, compile=fc.compile, mode=mode, backend=fc.backend, cudagraphs=cudagraphs,
+                    fused_adamw=fc.fused_adamw and device.type in ("cuda", "cpu"), buckets=buckets)
+
+
+def use_fused_adamw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same AdamW (same groups and hyper-parameters) with ``fused=True``; other optimizers unchanged."""
+    if type(optimizer) is not torch.optim.AdamW or optimizer.state:
+        log.info("fast path: optimizer %s kept (fused AdamW applies to a fresh torch.optim.AdamW only)",
+                 type(optimizer).__name__)
+        return optimizer
+    groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups, fused=True)
+
+
+@dataclass
+class FastPath:
+    """The step functions the loop calls; eager wrappers when the fast path is off.
+
+    ``train_losses(batch)``: per-sample losses of one micro-batch (forward + loss, compiled as one graph).
+    ``eval_logits(batch)``: logits of one eval batch (padded to ``eval_rows`` rows when compiled).
+    """
+
+    decision: Decision
+    forward: Callable[[dict], torch.Tensor]  # batch -> logits (the loop's ``forward``)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-sample losses
+    eval_rows: int
+    accum: int = 1
+    _train: Callable | None = None
+    _eval: Callable | None = None
+    shapes: dict[str, set] = field(default_factory=lambda: {"train": set(), "eval": set()})
+    graphs_at_start: int = 0
+    warm: bool = False  # True once every bucket shape has been compiled (precompile or first use)
+    recompiles: int = 0
+    warmup_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        d = self.decision
+        if not (d.enabled and d.compile):
+            return
+        import torch._dynamo.config as dcfg
+
+        # one graph per (bucket, train/eval); the limit is per code object, so give it room and no more
+        n = len(d.buckets or ()) + 2
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(getattr(dcfg, name), n))
+        self.graphs_at_start = compiled_graphs()
+        kwargs: dict = {"backend": d.backend, "dynamic": False}
+        if d.mode is not None:
+            kwargs["mode"] = d.mode
+        fwd, loss = self.forward, self.loss
+
+        def train_losses(batch: dict) -> torch.Tensor:
+            return loss(fwd(batch), batch["labels"])
+
+        def eval_logits(batch: dict) -> torch.Tensor:
+            return fwd(batch)
+
+        self._train = torch.compile(train_losses, **kwargs)
+        self._eval = torch.compile(eval_logits, **kwargs)
+
+    # -- properties the loop reads
+
+    @property
+    def compiled(self) -> bool:
+        return self._train is not None
+
+    @property
+    def set_to_none(self) -> bool:
+        """``zero_grad(set_to_none=...)``. With CUDA graphs and accumulation the gradients must live outside the
+        graph pool (the next replay overwrites it), so they stay allocated and are accumulated into in place."""
+        return not (self.decision.cudagraphs and self.accum > 1)
+
+    @property
+    def buckets(self) -> tuple[int, ...] | None:
+        return self.decision.buckets if self.decision.enabled else None
+
+    # -- the step functions
+
+    def train_losses(self, batch: dict) -> torch.Tensor:
+        if self._train is None:
+            return self.loss(self.forward(batch), batch["labels"])
+        return self._call("train", self._train, batch)
+
+    def eval_logits(self, batch: dict) -> torch.Tensor:
+        if self._eval is None:
+            return self.forward(batch)
+        n = batch["input_ids"].shape[0]
+        if n < self.eval_rows:  # the last eval batch: pad rows (copies of row 0) so the shape stays constant
+            batch = {k: _pad_rows(v, self.eval_rows) if torch.is_tensor(v) and v.dim() else v
+                     for k, v in batch.items()}
+        logits = self._call("eval", self._eval, batch)
+        return logits[:n]
+
+    def _call(self, kind: str, fn: Callable, batch: dict) -> torch.Tensor:
+        shape = tuple(batch["input_ids"].shape)
+        new_shape = shape not in self.shapes[kind]
+        before = compiled_graphs()
+        if self.decision.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay are no longer read
+        out = fn({k: batch[k] for k in BATCH_KEYS if k in batch})
+        if compiled_graphs() != before:
+            if new_shape:
+                log.info("fast path: compiled %s shape %s (%d graphs so far)", kind, shape, self.graph_count())
+            else:
+                self.recompiles += 1
+                log.warning("fast path: RECOMPILED %s shape %s (a guard failed; %d recompiles so far)",
+                            kind, shape, self.recompiles)
+            if self.warm and new_shape:
+                self.recompiles += 1
+                log.warning("fast path: new shape %s after warm-up (%s not in the bucket set?)", shape, kind)
+        self.shapes[kind].add(shape)
+        if kind == "eval" and self.decision.cudagraphs:
+            out = out.clone()  # the caller keeps it past the next replay
+        return out
+
+    def graph_count(self) -> int:
+        """Graphs compiled by dynamo since this fast path was built (all kinds and shapes)."""
+        return compiled_graphs() - self.graphs_at_start
+
+    def metrics(self) -> dict[str, float]:
+        if not self.compiled:
+            return {}
+        return {"perf/compiled_graphs": self.graph_count(), "perf/recompiles": self.recompiles}
+
+    # -- warm-up
+
+    def precompile(self, model: torch.nn.Module, device: torch.device, vocab: int, regression: bool,
+                   train_rows: int, backward: Callable[[torch.Tensor], None], zero_grad: Callable[[], None],
+                   repeats: int = 3) -> float:
+        """Compile (and record CUDA graphs for) every bucket shape before training; returns the seconds spent.
+
+        The dummy batches carry weight 0, so the gradients are exactly zero and are dropped; the optimizer is
+        not stepped, so the training itself is unchanged (dropout draws random numbers, though).
+        """
+        if not self.compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        was_training = model.training
+        for length in self.decision.buckets or ():
+            model.train()
+            for _ in range(repeats):  # CUDA graph trees warm up eagerly once, then record, then replay
+                b = dummy_batch(train_rows, length, vocab, regression, device)
+                losses = self.train_losses(b)
+                backward((losses * b["weight"]).sum())
+                zero_grad()
+            model.eval()
+            with torch.no_grad():
+                for _ in range(repeats):
+                    self.eval_logits(dummy_batch(self.eval_rows, length, vocab, regression, device))
+        model.train(was_training)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.warm = True
+        self.warmup_s = time.perf_counter() - t0
+        log.info("fast path: %d shapes compiled in %.1f s (%d graphs)", 2 * len(self.decision.buckets or ()),
+                 self.warmup_s, self.graph_count())
+        return self.warmup_s
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    extra = rows - t.shape[0]
+    return torch.cat([t, t[:1].expand(extra, *t.shape[1:])], 0)
+
+
+def dummy_batch(rows: int, length: int, vocab: int, regression: bool, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(length)
+    batch = {
+        "input_ids": torch.randint(1, max(2, vocab), (rows, length), generator=g),
+        "token_type_ids": torch.zeros(rows, length, dtype=torch.long),
+        "attention_mask": torch.ones(rows, length, dtype=torch.long),
+        "labels": torch.zeros(rows, dtype=torch.float if regression else torch.long),
+        "weight": torch.zeros(rows),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (a process-wide counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def build(cfg: Config, decision: Decision, forward: Callable[[dict], torch.Tensor],
+          loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], accum: int) -> FastPath:
+    log.info(decision.describe())
+    return FastPath(decision, forward, loss, eval_rows=cfg.eval.batch_size, accum=accum)
+
+
+def attach(run: Any, decision: Decision, forward: Callable[[Any, dict], torch.Tensor],
+           per_sample_loss: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> FastPath:
+    """The loop's step functions for ``run`` (a ``loop.Run``), compiled and warmed up on the fast path."""
+    regression = run.task.is_regression
+    fast = build(run.cfg, decision, lambda batch: forward(run, batch),
+                 lambda logits, labels: per_sample_loss(logits, labels, regression), run.layout.accum)
+    if not fast.set_to_none:
+        preallocate_grads(run.model)
+    if fast.compiled and run.cfg.fast.precompile:
+        vocab = int(run.acc.unwrap_model(run.model).config.vocab_size)
+        fast.precompile(run.model, run.acc.device, vocab, regression, run.layout.per_device, run.acc.backward,
+                        lambda: run.optimizer.zero_grad(set_to_none=fast.set_to_none))
+    return fast
+
+
+def preallocate_grads(model: torch.nn.Module) -> None:
+    """Give every trainable parameter a zero ``.grad`` (kept across steps: see ``FastPath.set_to_none``)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def mfu_flops_per_sample(n_params_nonembedding: int, n_layers: int, hidden: int, tokens: float,
+                         tokens_sq: float) -> float:
+    """Training FLOPs of one sample (forward + backward = 3x forward), PaLM appendix B style.
+
+    ``6 * N * tokens`` for the weight matmuls plus ``12 * layers * hidden * tokens^2`` for attention scores
+    and the weighted sum (QK^T and AV, 2 FLOPs per multiply-add, x3 for fwd+bwd). ``tokens_sq`` is the
+    sample's squared length (pass the mean of squares when averaging).
+    """
+    return 6.0 * n_params_nonembedding * tokens + 12.0 * n_layers * hidden * tokens_sq
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
