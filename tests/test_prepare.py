@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, SMOKE, run_train
 
 
+@pytest.mark.slow
 def test_prepare_then_offline_run_hits_every_cache(tmp_path):
     cache = tmp_path / "tokcache"
     env = {"GLUE_TRAIN_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
