@@ -6,9 +6,11 @@ A checkpoint is written into ``checkpoints/.tmp-step-N``, marked ``COMPLETE`` an
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import resource
 import shutil
 from pathlib import Path
 
@@ -29,15 +31,36 @@ def _step(path: Path) -> int:
     return int(path.name.split("-")[-1])
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; partial ones are reported and skipped."""
-    found = []
-    for p in sorted(root(output_dir).glob("step-*")):
-        if (p / MARKER).is_file() and (p / STATE).is_file():
+def _is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file() and (path / STATE).is_file()
+
+
+def complete_checkpoints(output_dir: Path, report: bool = True) -> list[Path]:
+    """Complete checkpoints, oldest first; partial ones (interrupted saves) are reported and skipped.
+
+    ``.old-step-N`` is the previous copy of ``step-N`` while it is being replaced; it counts only when the
+    save that replaces it was interrupted before ``step-N`` came back.
+    """
+    base = root(output_dir)
+    found, names = [], set()
+    for p in sorted(base.glob("step-*")):
+        if _is_complete(p):
             found.append(p)
-        else:
+            names.add(p.name)
+        elif report:
             log.warning("ignoring incomplete checkpoint %s (no %s marker)", p, MARKER)
+    for p in sorted(base.glob(".old-step-*")):
+        if p.name.removeprefix(".old-") not in names and _is_complete(p):
+            found.append(p)
+    if report:
+        for p in sorted(base.glob(".tmp-step-*")):
+            log.warning("ignoring partial checkpoint %s (a save that was interrupted)", p)
     return sorted(found, key=_step)
+
+
+def newest(output_dir: Path) -> Path | None:
+    done = complete_checkpoints(output_dir, report=False)
+    return done[-1] if done else None
 
 
 def find_resume(resume: str, output_dir: Path) -> Path | None:
@@ -48,7 +71,12 @@ def find_resume(resume: str, output_dir: Path) -> Path | None:
         done = complete_checkpoints(output_dir)
         return done[-1] if done else None
     path = Path(resume)
-    if not (path / MARKER).is_file() or not (path / STATE).is_file():
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint.resume={resume}: no such checkpoint folder. Give a checkpoints/step-N folder, "
+            "checkpoint.resume=auto (newest complete one in output_dir) or checkpoint.resume=never"
+        )
+    if not _is_complete(path):
         raise CheckpointError(
             f"checkpoint.resume={resume}: not a complete checkpoint (missing {MARKER} or {STATE}); it may be "
             "partial or corrupt. Use checkpoint.resume=auto to take the newest complete one"
@@ -56,22 +84,116 @@ def find_resume(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that a reader (or a restart after kill -9) sees the old or the new text, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _any_rank(acc, failed: bool) -> bool:
+    """Collective: True on every rank if ``failed`` is True on any (no rank is left waiting)."""
+    if acc.num_processes == 1:
+        return failed
+    import torch
+
+    flag = torch.tensor([1.0 if failed else 0.0], device=acc.device)
+    return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+
+def _size(path: Path | None) -> int:
+    if path is None:
+        return 0
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _explain(error: BaseException | None, where: Path, need: int = 0) -> str:
+    """Why a write failed, in words. torch.save reports a full disk as an obscure RuntimeError ("unexpected
+    pos ..."), so the free space (against ``need``, the size of the previous checkpoint) and the file-size
+    limit are looked at, not only the exception."""
+    if error is None:
+        return "another rank failed to write its part"
+    chain, e = [], error
+    while e is not None and len(chain) < 5:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(x) for x in chain).lower()
+    codes = {getattr(x, "errno", None) for x in chain}
+    raw = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = -1
+    space = f"{free / 2**20:.1f} MiB free there" if free >= 0 else "free space unknown"
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if codes & {errno.ENOSPC, errno.EDQUOT} or "no space left" in text or "quota" in text or (
+        0 <= free < max(need, 16 * 2**20)
+    ):
+        return f"the disk is full ({space}; a checkpoint needs about {need / 2**20:.1f} MiB; {raw})"
+    if errno.EFBIG in codes or "file too large" in text or fsize != resource.RLIM_INFINITY:
+        return f"a file size limit was hit (ulimit -f: {fsize} bytes; {space}; {raw})"
+    return raw
+
+
 def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint folder."""
-    final = root(output_dir) / f"step-{step:08d}"
-    tmp = root(output_dir) / f".tmp-step-{step:08d}"
+    """Collective: every rank must call it. Returns the final checkpoint folder.
+
+    Written into ``.tmp-step-N``, fsynced, marked ``COMPLETE``, renamed to ``step-N`` and the folder entry
+    fsynced; a failure on any rank (disk full) removes the partial folder on every rank and raises
+    ``CheckpointError`` everywhere, leaving the previous checkpoints as they were.
+    """
+    base = root(output_dir)
+    final = base / f"step-{step:08d}"
+    tmp = base / f".tmp-step-{step:08d}"
+    aside = base / f".old-step-{step:08d}"
+    error: BaseException | None = None
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            for stale in base.glob(".tmp-step-*"):  # interrupted saves (reported at resume)
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    if not _any_rank(acc, error is not None):
+        try:
+            acc.save_state(str(tmp))
+        except Exception as e:  # noqa: BLE001 - reported below, on every rank
+            error = e
+    if not _any_rank(acc, error is not None) and acc.is_main_process:
+        try:
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            _fsync_tree(tmp)
+            (tmp / MARKER).write_text("ok\n")
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. a stop signal right after a periodic save)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
+            os.replace(tmp, final)
+            _fsync_dir(base)
+            shutil.rmtree(aside, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    if _any_rank(acc, error is not None):
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        prev = newest(output_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {_explain(error, base, _size(prev))}. The partial folder was "
+            "removed; "
+            + (
+                f"the previous checkpoint {prev} is intact and checkpoint.resume=auto resumes from it. "
+                if prev
+                else "there is no earlier checkpoint. "
+            )
+            + "Free disk space (or lower checkpoint.keep_last, or move output_dir to a larger disk) and rerun"
+        )
     if acc.is_main_process:
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-        _fsync_tree(tmp)
-        (tmp / MARKER).write_text("ok\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         _prune(output_dir, keep_last)
         log.info("checkpoint saved: %s", final)
     acc.wait_for_everyone()
@@ -79,31 +201,75 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
 
 
 def load(acc, path: Path) -> dict:
-    acc.load_state(str(path))
-    return json.loads((Path(path) / STATE).read_text())
+    """Restore model, optimizer, scheduler, scaler and RNG states; returns ``trainer_state.json``."""
+    try:
+        state = json.loads((Path(path) / STATE).read_text())
+        acc.load_state(str(path))
+    except Exception as e:  # noqa: BLE001 - a corrupt checkpoint fails deep inside torch/safetensors
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or does not belong to this run/model and cannot be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Delete that folder to "
+            "resume from the previous checkpoint, point checkpoint.resume at another one, or set "
+            "checkpoint.resume=never to start over"
+        ) from None
+    return state
 
 
 def _prune(output_dir: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(output_dir)[:-keep_last]:
+    """Delete all but the newest ``keep_last`` checkpoints; only ``checkpoints/`` is touched (never best/)."""
+    for old in complete_checkpoints(output_dir, report=False)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
+    """Flush every file and folder entry under ``path`` to the disk."""
+    for p in sorted(path.rglob("*"), key=lambda q: -len(q.parts)):
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(path)
 
 
 def export_model(acc, model, tokenizer, dest: Path) -> None:
-    """Collective. A plain HF folder (safetensors, full weights even from ZeRO-3 shards) for ``from_pretrained``."""
+    """Collective. A plain HF folder (safetensors, full weights even from ZeRO-3 shards) for ``from_pretrained``.
+
+    Written to ``<dest>.tmp`` and renamed over ``dest``; if that fails (disk full) every rank raises
+    ``CheckpointError`` and the previous ``dest`` is left as it was.
+    """
     state_dict = acc.get_state_dict(model)
+    error: BaseException | None = None
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
     if acc.is_main_process:
-        dest = Path(dest)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _fsync_tree(tmp)
+            aside = dest.with_name(dest.name + ".old")
+            shutil.rmtree(aside, ignore_errors=True)
+            if dest.exists():
+                os.replace(dest, aside)
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+            shutil.rmtree(aside, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            error = e
+            shutil.rmtree(tmp, ignore_errors=True)
+    if _any_rank(acc, error is not None):
+        raise CheckpointError(
+            f"could not write the model folder {dest}: {_explain(error, dest.parent, _size(dest))}. "
+            "Free disk space (or move output_dir to a larger disk) and rerun; checkpoint.resume=auto resumes "
+            "from the newest checkpoint"
+        )
     acc.wait_for_everyone()

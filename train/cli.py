@@ -10,6 +10,7 @@ import sys
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, describe, load_config
 from train.data import DataError
+from train.nonfinite import NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # every rank raises it at the same step (train/nonfinite.py)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except ValueError as e:  # batch arithmetic and other value problems found at setup
         if "train." in str(e) or "data." in str(e):
             print(f"error: {e}", file=sys.stderr)

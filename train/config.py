@@ -88,6 +88,12 @@ class TrainConfig:
         "error (0: stop at the first, detected at the next log/checkpoint/eval; N>0 reads the norm every step). "
         "fp16: overflow steps are skipped by the loss scaler and counted in train/skipped_steps",
     )
+    max_nonfinite_skips: int = f(
+        0,
+        "bf16/fp32: skip up to N optimizer steps whose loss or grad norm is not finite, then stop with an "
+        "error (0: stop at the first, detected at the next log/checkpoint/eval; N>0 reads the norm every step). "
+        "fp16: overflow steps are skipped by the loss scaler and counted in train/skipped_steps",
+    )
 
 
 @dataclass
@@ -341,6 +347,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.train.max_nonfinite_skips < 0:
+        raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
     if cfg.train.max_nonfinite_skips < 0:
         raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:

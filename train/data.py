@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import DataConfig
+from train.config import ConfigError, DataConfig
 from train.tasks import Split, Task
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,23 @@ HUB_DATASET = "nyu-mll/glue"
 
 class DataError(ValueError):
     """Bad or missing data; the message names the file (and line) and what to do."""
+
+
+def offline_advice() -> str:
+    """What to do when the Hub cannot be reached (shared by the model and the data errors)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    return (
+        (
+            "HF_HUB_OFFLINE=1 is set, so the Hub is not contacted and only the local HF cache is used. "
+            if offline
+            else "The Hub could not be reached and there is no copy in the local HF cache. "
+        )
+        + "Without network, give local copies: model.name_or_path=/path/to/model (a folder with config.json, "
+        "the weights and the tokenizer; builtin:tiny-bert is bundled) and data.glue_dir=/path/to/glue (the "
+        "official GLUE download; builtin:glue-sample is bundled); or fill the caches on a machine with "
+        "network (`python -m train.prepare` with the same config) and run with HF_HUB_OFFLINE=1 "
+        "HF_DATASETS_OFFLINE=1"
+    )
 
 
 def resolve_builtin(path: str) -> str:
@@ -110,9 +127,9 @@ def read_hub(task: Task, split: Split) -> dict[str, list]:
         ds = datasets.load_dataset(HUB_DATASET, config, split=hub_split)
     except Exception as e:  # network, auth, offline mode: all end here
         raise DataError(
-            f"could not load {HUB_DATASET}/{config} split {hub_split} from the Hub ({type(e).__name__}: {e}). "
-            "Without network, set data.glue_dir to a local GLUE download, or fill the cache on a machine with "
-            "network (python -m train.prepare) and run with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
+            f"data.glue_dir is unset, so GLUE is read from the Hub dataset {HUB_DATASET}, but {config} split "
+            f"{hub_split} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}). "
+            + offline_advice()
         ) from None
     return {c: list(ds[c]) for c in ("idx", *task.text_columns, "label")}
 
@@ -195,18 +212,18 @@ class Layout:
     def derive(cls, effective: int, per_device: int | None, world: int) -> Layout:
         if per_device is None:
             if effective % world:
-                raise ValueError(
+                raise ConfigError(
                     f"train.effective_batch_size={effective} is not divisible by the world size {world}; "
                     f"use a world size that divides it, or set train.per_device_batch_size to a divisor of "
                     f"{effective}/{world} that makes it exact"
                 )
             per_device = effective // world
         if per_device > effective:
-            raise ValueError(
+            raise ConfigError(
                 f"train.per_device_batch_size={per_device} is larger than train.effective_batch_size={effective}"
             )
         if effective % (per_device * world):
-            raise ValueError(
+            raise ConfigError(
                 f"train.effective_batch_size={effective} is not divisible by "
                 f"train.per_device_batch_size={per_device} x world size {world} = {per_device * world}; "
                 "gradient accumulation must be a whole number of steps. Choose per_device_batch_size so that "

@@ -21,6 +21,7 @@ from train.config import Config, ConfigError, dump, to_dict
 from train.fastpath import FastPath, attach, decide, use_fused_adamw
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer
+from train.nonfinite import Guard
 from train.preempt import StopFlag, requeue_if_slurm
 from train.tasks import Split, Task, get_task
 from train.tracking import Tracker
@@ -38,6 +39,7 @@ class TrainState:
     best_score: float = -math.inf
     best: dict = field(default_factory=dict)  # {"step", "epoch", "splits"} of the best eval
     last_eval: dict = field(default_factory=dict)  # the same for the latest eval
+    skipped_steps: int = 0  # optimizer steps without an update (fp16 overflow, train.max_nonfinite_skips)
     wandb_run_id: str | None = None  # the W&B run a resume continues (train/tracking.py)
 
     @property
@@ -65,6 +67,7 @@ class Run:
     stop: StopFlag
     state: TrainState = field(default_factory=TrainState)
     fast: FastPath | None = None  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
+    guard: Guard | None = None  # non-finite loss/grad policy (train/nonfinite.py)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def setup(cfg: Config) -> Run:
     acc.wait_for_everyone()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump(cfg))
+        checkpoint.write_atomic(out / "config.yaml", dump(cfg))  # a kill -9 never leaves half a config
 
     from accelerate.utils import set_seed
 
@@ -185,6 +188,7 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg, task, out, acc, layout, tokenizer, model, optimizer, scheduler, sampler, loader, evals, tests,
               total, Tracker(cfg, out, acc.is_main_process), StopFlag())
     run.stop.install()
+    run.guard = Guard(acc, model, cfg.precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out))
     resume(run)
     run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
     write_run_info(run, len(train_ds), steps_per_epoch)
@@ -230,7 +234,7 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
                                               "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST") if k in os.environ},
     }
-    (run.out / "run_info.json").write_text(json.dumps(info, indent=1))
+    checkpoint.write_atomic(run.out / "run_info.json", json.dumps(info, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,11 +288,13 @@ def train_one_epoch(run: Run) -> None:
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
         with acc.accumulate(run.model):
             losses = run.fast.train_losses(batch)  # forward + per-sample loss (one graph on the fast path)
+            losses = run.guard.poison(losses, st.global_step + 1)  # NaN-injection test hook (no-op)
             weighted = (losses * batch["weight"]).sum()
             acc.backward(weighted * (world_scale / n_real))
             if acc.sync_gradients:
                 # clip + global norm; under DeepSpeed the engine clipped inside its step and reports the norm
                 norm = backend.grad_norm(acc, run.model, cfg.train.max_grad_norm)
+                run.guard.after_backward(st.global_step + 1, norm, weighted.detach())  # device-side record
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=run.fast.set_to_none)
         win.add(weighted.detach(), tokens, int(batch["weight"].shape[0]), padded)
@@ -296,7 +302,9 @@ def train_one_epoch(run: Run) -> None:
         if micro % lay.accum:
             continue
         lr = run.optimizer.param_groups[0]["lr"]  # the LR this step used
-        if not acc.optimizer_step_was_skipped:
+        if acc.optimizer_step_was_skipped or run.guard.skipped_now:
+            st.skipped_steps += 1
+        else:
             run.scheduler.step()
         st.global_step += 1
         st.step_in_epoch += 1
@@ -351,12 +359,14 @@ def log_train(run: Run, win: Window) -> None:
         "train/grad_norm": float(win.norm) / max(1, win.steps),
         "perf/samples_per_s": win.samples / elapsed,
         **run.fast.metrics(),  # perf/compiled_graphs, perf/recompiles on the fast path
+        "train/skipped_steps": run.state.skipped_steps,
     }
     row["train/epoch"] = row["epoch"]
     row.update(run.metrics.throughput(tokens, padded, elapsed))  # perf/tokens_per_s, padding, mfu, memory
     if not math.isfinite(row["train/loss"]):
         log.error("non-finite training loss at step %d", run.state.global_step)
     run.metrics.write(row)
+    run.guard.check(f"at the log of step {row['step']}")
     if acc.is_main_process:
         log.info("step %d/%d loss %.4f lr %.3g", row["step"], run.total_steps, row["train/loss"], row["train/lr"])
 
@@ -373,6 +383,7 @@ def should_stop(run: Run) -> bool:
 
 
 def save_checkpoint(run: Run) -> Path:
+    run.guard.check(f"before the checkpoint of step {run.state.global_step}")  # never save a bad state
     state = {"train_state": asdict(run.state), "config": to_dict(run.cfg)}
     return checkpoint.save(run.acc, run.out, run.state.global_step, state, run.cfg.checkpoint.keep_last)
 
@@ -417,6 +428,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
 
 def evaluate_and_track(run: Run) -> dict:
     st = run.state
+    run.guard.check(f"before the evaluation at step {st.global_step}")
     results = evaluate(run)
     row = {"step": st.global_step, "epoch": st.epoch + st.step_in_epoch / run.sampler.steps_per_epoch()}
     st.last_eval = {"step": row["step"], "epoch": row["epoch"], "splits": results}
@@ -467,6 +479,7 @@ def write_submission(path: Path, task: Task, idx: np.ndarray, pred: np.ndarray) 
 
 def finish(run: Run) -> dict:
     st = run.state
+    run.guard.check("at the end of training")
     checkpoint.export_model(run.acc, run.model, run.tokenizer, run.out / "final")
     results = {
         "task": run.task.name,

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from train.config import Config, ConfigError
-from train.data import resolve_builtin
+from train.data import offline_advice, resolve_builtin
 from train.tasks import Task
 
 
 def _offline_hint(name: str, e: Exception) -> ConfigError:
+    local = name.startswith((".", "/", "~")) or Path(name).exists()
+    what = (
+        "it is not a folder holding config.json and the weights; check the path"
+        if local
+        else "it is neither a local folder nor a Hub model this machine could load. " + offline_advice()
+    )
     return ConfigError(
-        f"model.name_or_path: could not load '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-        "If it is a Hub id, this machine needs network or a filled cache (run `python -m train.prepare` "
-        "where there is network, then set HF_HUB_OFFLINE=1); otherwise give a local directory holding "
-        "config.json and the weights."
+        f"model.name_or_path: could not load '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+        f"{what}"
     )
 
 
@@ -25,7 +31,9 @@ def load_tokenizer(cfg: Config):
     except (OSError, ValueError) as e:
         raise _offline_hint(name, e) from None
     if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"model.name_or_path: '{name}' has no fast tokenizer; a tokenizers-backed one is required")
+        raise ConfigError(
+            f"model.name_or_path: '{name}' has no fast tokenizer; a tokenizers-backed one is required"
+        )
     return tok
 
 
@@ -69,4 +77,3 @@ def load_model(cfg: Config, task: Task):
     except OSError as e:
         raise _offline_hint(name, e) from None
     return model
-
