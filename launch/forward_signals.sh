@@ -9,9 +9,11 @@
 #   workers (default)  the training processes among CMD's descendants: processes started as `python ... -m train`
 #                      whose parent is not one (so DataLoader workers forked from them are left alone).
 #   child              CMD itself (e.g. srun, which relays the signal to its tasks on every node).
-# SIGUSR1 is sent again every FORWARD_RESEND seconds (3) while CMD runs: a training process that had not installed
-# its handler yet ignores it (inherited "ignore"), and the repeat reaches it once it has. The handler only sets a
-# flag, so repeats are harmless. A signal that arrives in the first FORWARD_GRACE seconds (0) is held until then.
+# SIGUSR1 reaches each target once, when it has a handler for it (SigCgt in /proc/PID/status): a training process
+# that is still starting ignores SIGUSR1 (inherited "ignore"), so the signal waits (checked every second) until it
+# has installed its handler. Never sending it twice matters: Python restores the default action while it exits,
+# and a late repeat would kill a process that has already checkpointed. SIGTERM is forwarded at once, every time.
+# A signal that arrives in the first FORWARD_GRACE seconds (0) is held until then.
 # A script that must not lose a SIGUSR1 that arrives before run_forwarding starts sets, as its first line,
 #   trap '_FS_EARLY=USR1' USR1
 
@@ -54,15 +56,34 @@ training_pids() {  # root pid -> the training processes below it
     return 0
 }
 
-_fs_send() {  # SIG
-    local pids p
+_fs_targets() {
     if [[ ${FORWARD_TO:-workers} == child ]]; then
-        pids=$_FS_CHILD
+        echo "$_FS_CHILD"
     else
-        pids=$(training_pids "$_FS_CHILD")
+        training_pids "$_FS_CHILD"
     fi
-    for p in $pids; do kill -s "$1" "$p" 2>/dev/null || true; done
-    echo "$pids" | tr '\n' ' '
+    return 0
+}
+
+_fs_catches() {  # pid signum: 0 when the process has a handler installed for the signal (SigCgt)
+    local mask
+    mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+    [[ $mask =~ ^[0-9a-fA-F]+$ ]] || return 1
+    (((16#$mask >> ($2 - 1)) & 1)) && return 0 || return 1
+}
+
+_fs_deliver_usr1() {  # SIGUSR1, once, to every target that handles it now; sets _FS_SENT, _FS_WAITING
+    local p
+    _FS_SENT="" _FS_WAITING=""
+    for p in $(_fs_targets); do
+        [[ $_FS_USR1_DONE == *" $p "* ]] && continue
+        # srun takes its signals with sigwait (blocked, not "caught"): child mode sends without the check
+        if [[ ${FORWARD_TO:-workers} == child ]] || _fs_catches "$p" "$_FS_USR1_NUM"; then
+            kill -s USR1 "$p" 2>/dev/null && _FS_USR1_DONE+="$p " && _FS_SENT+="$p "
+        else
+            _FS_WAITING+="$p "
+        fi
+    done
     return 0
 }
 
@@ -73,13 +94,20 @@ _fs_on() {  # SIG
         [[ $1 == TERM ]] && _FS_PENDING_TERM=1
         return 0
     fi
-    [[ $1 == USR1 ]] && _FS_PENDING=USR1 && _FS_LAST=$SECONDS
-    _fs_log "SIG$1 received: forwarded to ${FORWARD_TO:-workers} [ $(_fs_send "$1")]"
+    if [[ $1 == USR1 ]]; then
+        _FS_PENDING=USR1
+        _fs_deliver_usr1
+        _fs_log "SIGUSR1 received: forwarded to ${FORWARD_TO:-workers} [ $_FS_SENT]${_FS_WAITING:+, later to [ $_FS_WAITING] (no handler yet)}"
+    else
+        local p sent=""
+        for p in $(_fs_targets); do kill -s "$1" "$p" 2>/dev/null && sent+="$p "; done
+        _fs_log "SIG$1 received: forwarded to ${FORWARD_TO:-workers} [ $sent]"
+    fi
     return 0
 }
 
 run_forwarding() {
-    _FS_PENDING="" _FS_PENDING_TERM="" _FS_LAST=0 _FS_T0=$SECONDS
+    _FS_PENDING="" _FS_PENDING_TERM="" _FS_T0=$SECONDS _FS_USR1_DONE=" " _FS_USR1_NUM=$(kill -l USR1)
     if [[ -n ${_FS_EARLY:-} ]]; then   # set by a caller's early `trap '_FS_EARLY=USR1' USR1`
         _fs_log "SIGUSR1 received before the launch: forwarding it once the training processes run"
         _FS_PENDING=USR1
@@ -100,9 +128,9 @@ run_forwarding() {
             _FS_PENDING_TERM=""
             _fs_on TERM
         fi
-        if [[ -n $_FS_PENDING ]] && ((SECONDS - _FS_LAST >= ${FORWARD_RESEND:-3})); then
-            _FS_LAST=$SECONDS
-            _fs_send USR1 >/dev/null
+        if [[ -n $_FS_PENDING ]]; then
+            _fs_deliver_usr1
+            [[ -n $_FS_SENT ]] && _fs_log "SIGUSR1 forwarded to [ $_FS_SENT] (handler installed now)"
         fi
     done
     wait "$_FS_CHILD" || rc=$?

@@ -131,7 +131,7 @@ def train_rows(out: Path) -> list[dict]:
     return [r for r in rows if "train/loss" in r]
 
 
-def wait_for_steps(out: Path, job: str, n: int, timeout: float = 240) -> None:
+def wait_for_steps(out: Path, job: str, n: int, timeout: float = 600) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if len(train_rows(out)) >= n:
@@ -189,7 +189,7 @@ def reference(workdir) -> Path:
     out = workdir / "reference"
     job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"], CPU_SBATCH + ["-o", "%x-%j.out"], workdir,
                  env={"PROCS_PER_NODE": "2"})
-    info = wait_job(job, 300)
+    info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
     return out
 
@@ -211,20 +211,25 @@ def test_train_sbatch_one_node_two_processes(reference, workdir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. two nodes x 1 process: one torch.distributed world across the nodes
+# 2. two nodes x 1 process: one torch.distributed world across the nodes; preempted and requeued on the way
+#    (the batch shell relays SIGUSR1 through srun to each node's launch script, which forwards it to its worker)
 
 
-def test_multinode_two_nodes(reference, workdir):
+def test_multinode_two_nodes_preempted(reference, workdir):
     out = workdir / "multinode"
     job = submit("multinode.sbatch", [*RUN_ARGS, f"output_dir={out}"],
                  [*CPU_SBATCH, "--nodes=2", "-o", "%x-%j.out"], workdir, env={"PROCS_PER_NODE": "1"})
-    info = wait_job(job, 300)
+    wait_for_steps(out, job, 10)
+    _sh("scancel", "--signal=USR1", "--batch", job)
+    info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
-    assert info["NodeList"] == "n[1-2]"
+    assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "1"
     log = log_of(workdir, job)
     assert "--node_rank 0" in log and "--node_rank 1" in log and "--rdzv_endpoint n1:" in log
+    assert log.count("SIGUSR1 received: forwarded to workers") == 2, log[-6000:]  # one per node
     start = json.loads((out / "slurm_info.json").read_text())["starts"][0]
     assert start["slurm"]["SLURM_JOB_NUM_NODES"] == "2" and start["procs_per_node"] == 1
+    assert_resumed_mid_epoch(out, workdir, job)
     assert_same_weights(out, reference)  # the same world of 2, the same steps
 
 
@@ -238,7 +243,7 @@ def test_preempt_usr1_to_batch_shell(reference, workdir):
                  env={"PROCS_PER_NODE": "2"})
     wait_for_steps(out, job, 10)
     _sh("scancel", "--signal=USR1", "--batch", job)
-    info = wait_job(job, 300)
+    info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
     assert info["Restarts"] == "1"
     step = assert_resumed_mid_epoch(out, workdir, job)
@@ -248,11 +253,12 @@ def test_preempt_usr1_to_batch_shell(reference, workdir):
 
 
 def test_preempt_time_limit_signal(reference, workdir):
-    """--time=1 with --signal=B:USR1@55: SLURM signals the batch shell 5-35 s after the start (it checks about
-    every 30 s). Once requeued, the test lifts the limit so the second run can finish."""
+    """--time=2 with --signal=B:USR1@115: SLURM signals the batch shell 5-35 s after the start (it checks about
+    every 30 s), often before the program has its handler (the forwarding waits for it); the limit leaves the
+    run ~80 s to checkpoint. Once requeued, the test lifts the limit so that the second run can finish."""
     out = workdir / "timelimit"
     job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"],
-                 [*CPU_SBATCH, "--time=1", "--signal=B:USR1@55", "-o", "%x-%j.out"], workdir,
+                 [*CPU_SBATCH, "--time=2", "--signal=B:USR1@115", "-o", "%x-%j.out"], workdir,
                  env={"PROCS_PER_NODE": "2"})
     lifted = []
 
@@ -261,7 +267,7 @@ def test_preempt_time_limit_signal(reference, workdir):
             _sh("scontrol", "update", f"JobId={job}", "TimeLimit=10")
             lifted.append(True)
 
-    info = wait_job(job, 420, on_poll=lift)
+    info = wait_job(job, 900, on_poll=lift)
     assert_finished(out, workdir, job, info)
     assert info["Restarts"] == "1"
     assert_resumed_mid_epoch(out, workdir, job)
@@ -279,7 +285,7 @@ def test_preempt_by_high_priority_partition(reference, workdir):
     marker = workdir / "high-ran"
     high = _sh("sbatch", "--parsable", "--partition=high", "--nodelist=n1", "--exclusive",
                "-o", str(workdir / "high-%j.out"), "--wrap", f"touch {marker}; sleep 1").stdout.strip()
-    info = wait_job(job, 420)
+    info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
     assert info["Restarts"] == "1"
     assert marker.exists(), f"the high-priority job {high} did not run"
@@ -299,7 +305,7 @@ def test_sweep_array_two_lines(workdir):
     listfile.write_text(f"# task seed overrides\n\nsst2 11 {common}\n  # a comment\nsst2 12 {common} train.lr=5e-4\n")
     job = submit("sweep.sbatch", [str(listfile), "train.log_every=2"], [*CPU_SBATCH, "--array=0-1"], sweep,
                  env={"PROCS_PER_NODE": "1"})
-    seen = wait_jobs([f"{job}_0", f"{job}_1"], 300)
+    seen = wait_jobs([f"{job}_0", f"{job}_1"], 900)
 
     for i, seed, lr in ((0, 11, 1e-3), (1, 12, 5e-4)):
         log = sweep / f"glue-sweep-{job}_{i}.out"  # %x-%A_%a.out
