@@ -91,3 +91,19 @@ def device_name(acc) -> str:
     if acc.device.type == "cuda":
         return torch.cuda.get_device_name(acc.device)
     return acc.device.type
+
+
+_cpu_group = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank; a CPU (gloo) all-reduce, never a device sync."""
+    import torch.distributed as tdist
+
+    global _cpu_group
+    if _cpu_group is None:
+        same = tdist.get_backend() == "gloo"
+        _cpu_group = tdist.group.WORLD if same else tdist.new_group(backend="gloo")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    tdist.all_reduce(t, group=_cpu_group)
+    return bool(t.item())

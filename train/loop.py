@@ -39,8 +39,8 @@ class TrainState:
     best_score: float = -math.inf
     best: dict = field(default_factory=dict)  # {"step", "epoch", "splits"} of the best eval
     last_eval: dict = field(default_factory=dict)  # the same for the latest eval
-    skipped_steps: int = 0  # optimizer steps without an update (fp16 overflow, train.max_nonfinite_skips)
     wandb_run_id: str | None = None  # the W&B run a resume continues (train/tracking.py)
+    skipped_steps: int = 0  # optimizer steps without an update (fp16 overflow, train.max_nonfinite_skips)
 
     @property
     def last_eval_step(self) -> int:
@@ -66,8 +66,11 @@ class Run:
     metrics: Tracker  # metrics.jsonl + W&B (train/tracking.py)
     stop: StopFlag
     state: TrainState = field(default_factory=TrainState)
-    fast: FastPath | None = None  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
+    fast: FastPath | None = (
+        None  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
+    )
     guard: Guard | None = None  # non-finite loss/grad policy (train/nonfinite.py)
+    bar: object = None  # progress bar over optimizer steps, main process only
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,7 +90,16 @@ def check_output_dir(cfg: Config, out: Path) -> None:
     ignore = ("overwrite", "checkpoint", "tracking")
     import yaml
 
-    before = {k: v for k, v in yaml.safe_load(old.read_text()).items() if k not in ignore}
+    try:
+        loaded = yaml.safe_load(old.read_text())
+    except yaml.YAMLError:
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{old} is empty or damaged, so it cannot be compared with this run's config. Restore or delete it "
+            "(the checkpoints stay usable), or set overwrite=true"
+        )
+    before = {k: v for k, v in loaded.items() if k not in ignore}
     now = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
     if before != now:
         diff = sorted(
@@ -131,8 +143,9 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 def setup(cfg: Config) -> Run:
     task = get_task(cfg.data.task)
-    layout = data.Layout.derive(cfg.train.effective_batch_size, cfg.train.per_device_batch_size,
-                                dist.launched_world_size())
+    layout = data.Layout.derive(
+        cfg.train.effective_batch_size, cfg.train.per_device_batch_size, dist.launched_world_size()
+    )
     acc = dist.make_accelerator(cfg.precision, layout.accum)
     cfg.precision = acc.mixed_precision if acc.mixed_precision != "no" else "no"
     fast = decide(cfg, acc.device, dist.uses_deepspeed(), layout.world)  # logged (with its reason) by attach
@@ -153,8 +166,9 @@ def setup(cfg: Config) -> Run:
     train_ds = data.tokenize_split(cfg.data, task, splits["train"][0], tokenizer, main_first)
     if cfg.data.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
-    collate = data.make_collator(tokenizer.pad_token_id, task.is_regression, cfg.data.pad_to_multiple_of,
-                                 buckets=fast.buckets)
+    collate = data.make_collator(
+        tokenizer.pad_token_id, task.is_regression, cfg.data.pad_to_multiple_of, buckets=fast.buckets
+    )
     pin = acc.device.type == "cuda"
     lengths = data.row_lengths(train_ds) if cfg.data.group_by_length else None
     sampler = data.PlanSampler(len(train_ds), layout, acc.process_index, cfg.seed, lengths)
@@ -185,17 +199,48 @@ def setup(cfg: Config) -> Run:
     tests = dict(zip(tests, rest[len(evals) :], strict=True))
     acc.register_for_checkpointing(scheduler)
 
-    run = Run(cfg, task, out, acc, layout, tokenizer, model, optimizer, scheduler, sampler, loader, evals, tests,
-              total, Tracker(cfg, out, acc.is_main_process), StopFlag())
+    run = Run(
+        cfg,
+        task,
+        out,
+        acc,
+        layout,
+        tokenizer,
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        loader,
+        evals,
+        tests,
+        total,
+        Tracker(cfg, out, acc.is_main_process),
+        StopFlag(),
+    )
     run.stop.install()
-    run.guard = Guard(acc, model, cfg.precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out))
+    run.guard = Guard(
+        acc, model, cfg.precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out)
+    )
     resume(run)
     run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
     write_run_info(run, len(train_ds), steps_per_epoch)
-    run.state.wandb_run_id = run.metrics.start(run.state.wandb_run_id, run.state.global_step, acc.unwrap_model(model),
-                                               acc.device, dist.device_name(acc), cfg.precision, layout.world)
-    log.info("%s; %d optimizer steps (%d per epoch); precision %s; device %s", layout.describe(), total,
-             steps_per_epoch, cfg.precision, dist.device_name(acc))
+    run.state.wandb_run_id = run.metrics.start(
+        run.state.wandb_run_id,
+        run.state.global_step,
+        acc.unwrap_model(model),
+        acc.device,
+        dist.device_name(acc),
+        cfg.precision,
+        layout.world,
+    )
+    log.info(
+        "%s; %d optimizer steps (%d per epoch); precision %s; device %s",
+        layout.describe(),
+        total,
+        steps_per_epoch,
+        cfg.precision,
+        dist.device_name(acc),
+    )
     return run
 
 
@@ -206,8 +251,13 @@ def resume(run: Run) -> None:
         return
     run.state = TrainState(**checkpoint.load(run.acc, path)["train_state"])
     run.metrics.rewind(run.state.global_step)
-    log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, run.state.global_step,
-             run.state.epoch, run.state.step_in_epoch)
+    log.info(
+        "resumed from %s at step %d (epoch %d, step %d of it)",
+        path,
+        run.state.global_step,
+        run.state.epoch,
+        run.state.step_in_epoch,
+    )
 
 
 def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
@@ -226,13 +276,26 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "precision": run.cfg.precision,
         "device": dist.device_name(run.acc),
         "distributed_type": str(run.acc.distributed_type),
+        "deepspeed": backend.describe(run.acc),  # the filled DeepSpeed config (None without DeepSpeed)
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": run.total_steps,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "accelerate": accelerate.__version__},
-        "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-                                              "SLURM_RESTART_COUNT", "SLURM_JOB_NODELIST") if k in os.environ},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+        },
+        "slurm": {
+            k: os.environ[k]
+            for k in (
+                "SLURM_JOB_ID",
+                "SLURM_ARRAY_JOB_ID",
+                "SLURM_ARRAY_TASK_ID",
+                "SLURM_RESTART_COUNT",
+                "SLURM_JOB_NODELIST",
+            )
+            if k in os.environ
+        },
     }
     checkpoint.write_atomic(run.out / "run_info.json", json.dumps(info, indent=1))
 
@@ -249,14 +312,21 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool
 
 
 def forward(run: Run, batch: dict) -> torch.Tensor:
-    out = run.model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                    attention_mask=batch["attention_mask"])
+    out = run.model(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        attention_mask=batch["attention_mask"],
+    )
     return out.logits
 
 
 def train(run: Run) -> dict | None:
     """Train to the end (returns eval_results) or until a stop signal (returns None after checkpointing)."""
     cfg, st = run.cfg, run.state
+    from tqdm.auto import tqdm
+
+    run.bar = tqdm(total=run.total_steps, initial=st.global_step, desc=f"train {run.task.name}", unit="step",
+                   disable=not run.acc.is_main_process, mininterval=2.0, dynamic_ncols=True)
     for epoch in range(st.epoch, cfg.train.epochs):
         if st.global_step >= run.total_steps:
             break
@@ -308,6 +378,7 @@ def train_one_epoch(run: Run) -> None:
             run.scheduler.step()
         st.global_step += 1
         st.step_in_epoch += 1
+        run.bar.update()
         win.step(norm, n_real, lr)
         if st.global_step % cfg.train.log_every == 0 or st.global_step == run.total_steps:
             log_train(run, win)
@@ -366,17 +437,22 @@ def log_train(run: Run, win: Window) -> None:
     if not math.isfinite(row["train/loss"]):
         log.error("non-finite training loss at step %d", run.state.global_step)
     run.metrics.write(row)
+    run.bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.3g}", refresh=False)
     run.guard.check(f"at the log of step {row['step']}")
     if acc.is_main_process:
-        log.info("step %d/%d loss %.4f lr %.3g", row["step"], run.total_steps, row["train/loss"], row["train/lr"])
+        log.info(
+            "step %d/%d loss %.4f lr %.3g", row["step"], run.total_steps, row["train/loss"], row["train/lr"]
+        )
 
 
 def should_stop(run: Run) -> bool:
-    """All ranks agree to stop at the same step if any of them got a signal."""
+    """All ranks agree to stop at the same step if any of them got a signal.
+
+    The vote runs on the CPU over gloo, so asking every step costs no host-device synchronisation.
+    """
     if run.acc.num_processes == 1:
         return run.stop.raised
-    flag = torch.tensor([1.0 if run.stop.raised else 0.0], device=run.acc.device)
-    stop = bool(run.acc.reduce(flag, reduction="sum").item() > 0)
+    stop = dist.any_rank(run.stop.raised)
     if stop and not run.stop.raised:
         run.stop.signum = -1  # a peer was signalled
     return stop
@@ -389,6 +465,7 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def preempt(run: Run) -> None:
+    run.bar.close()
     save_checkpoint(run)
     if run.acc.is_main_process:
         requeue_if_slurm()
@@ -409,8 +486,9 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
     for batch in loader:
         logits = run.fast.eval_logits(batch)
         labels = batch["labels"]
-        losses = per_sample_loss(logits, labels.clamp(min=0) if not run.task.is_regression else labels,
-                                 run.task.is_regression)
+        losses = per_sample_loss(
+            logits, labels.clamp(min=0) if not run.task.is_regression else labels, run.task.is_regression
+        )
         pred = logits.float().squeeze(-1) if run.task.is_regression else logits.argmax(-1)
         got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"]))
         for key, value in zip(parts, got, strict=True):
@@ -422,7 +500,10 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     results = {}
     for split, loader in run.eval_loaders.items():
         p = predict(run, loader)
-        results[split.name] = {**compute_metrics(run.task, p["pred"], p["label"]), "loss": float(p["loss"].mean())}
+        results[split.name] = {
+            **compute_metrics(run.task, p["pred"], p["label"]),
+            "loss": float(p["loss"].mean()),
+        }
     return results
 
 
@@ -479,6 +560,7 @@ def write_submission(path: Path, task: Task, idx: np.ndarray, pred: np.ndarray) 
 
 def finish(run: Run) -> dict:
     st = run.state
+    run.bar.close()
     run.guard.check("at the end of training")
     checkpoint.export_model(run.acc, run.model, run.tokenizer, run.out / "final")
     results = {
