@@ -99,6 +99,7 @@ def _cases(root: Path) -> dict[str, Case]:
         "08_head_size": Case([f"model.name_or_path={head3}"],
                              ["model.name_or_path", str(head3), "2 outputs", "model.ignore_mismatched_sizes=true"]),
         "09_other_config": Case(["seed=7"], ["holds a run with a different config", "seed", "overwrite=true"]),
+        "09_damaged_config": Case([], ["config.yaml is empty or damaged", "overwrite=true"]),
         "10_fp16_on_cpu": Case(["precision=fp16"], ["precision=fp16", "CUDA", "precision=bf16 or precision=no"]),
         "11_hub_model_offline": Case(["model.name_or_path=bert-base-uncased", "data.glue_dir=null"],
                                      ["model.name_or_path", "bert-base-uncased", "HF_HUB_OFFLINE", "data.glue_dir",
@@ -145,6 +146,9 @@ def cases(tmp_path_factory) -> dict[str, Case]:
         if case.inproc:
             case.result = _run(case)
     slow = [c for c in cases.values() if not c.inproc]
+    damaged = cases["09_damaged_config"].out
+    damaged.mkdir(parents=True)
+    (damaged / "config.yaml").write_text("")  # what a kill between open(O_TRUNC) and write() used to leave
     with ThreadPoolExecutor(3) as pool:
         for case, result in zip(slow, pool.map(_run, slow), strict=True):
             case.result = result
@@ -164,7 +168,7 @@ def _left_as_complete(out: Path) -> list[str]:
 @pytest.mark.parametrize("name", [
     "01_unknown_task", "02_unknown_key_cli", "02_unknown_key_yaml", "02_wrong_type", "03_not_divisible",
     "04_per_device_too_big", "05_missing_split", "06_wrong_columns", "07_bad_label", "08_head_size",
-    "09_other_config", "10_fp16_on_cpu", "11_hub_model_offline", "11_hub_data_offline",
+    "09_other_config", "09_damaged_config", "10_fp16_on_cpu", "11_hub_model_offline", "11_hub_data_offline",
     "12_partial_checkpoint", "12_corrupt_checkpoint", "14_max_length",
 ])
 def test_bad_input_gives_one_clear_error(cases: dict[str, Case], name: str) -> None:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import SMOKE, load_weights, run_train
 
-from train.nonfinite import NAN_ENV, Guard, nan_steps
+from train.config import ConfigError
+from train.nonfinite import NAN_ENV, Guard, NonFiniteError, nan_steps
 from train.tracking import read_metrics
 
 BASE = ["model.dropout=0", "eval.predict_test=false", "train.max_steps=12", "checkpoint.keep_last=2"]
@@ -37,6 +38,26 @@ def test_nan_steps_parser(monkeypatch) -> None:
     assert nan_steps(1) == {3, 5}
     monkeypatch.delenv(NAN_ENV)
     assert nan_steps(0) == frozenset()
+
+
+def _fake_acc(device: str = "cpu", kind: str = "DistributedType.NO") -> types.SimpleNamespace:
+    return types.SimpleNamespace(device=torch.device(device), process_index=0, num_processes=1, distributed_type=kind)
+
+
+def test_guard_records_the_first_bad_step_and_raises_at_check() -> None:
+    guard = Guard(_fake_acc(), torch.nn.Linear(2, 2), "no", 0, lambda: "ckpt/step-1")
+    for step, norm in ((1, 0.5), (2, float("nan")), (3, float("inf")), (4, 0.5)):
+        guard.after_backward(step, torch.tensor(norm), torch.tensor(1.0))
+    with pytest.raises(NonFiniteError, match=r"at optimizer step 2 \(precision no; detected here\).*ckpt/step-1"):
+        guard.check("here")
+    fp16 = Guard(_fake_acc(), torch.nn.Linear(2, 2), "fp16", 0)
+    fp16.after_backward(1, torch.tensor(float("nan")), torch.tensor(1.0))
+    fp16.check("here")  # the scaler's business: no error
+
+
+def test_skips_refused_under_deepspeed() -> None:
+    with pytest.raises(ConfigError, match="train.max_nonfinite_skips=2 is not supported under DeepSpeed"):
+        Guard(_fake_acc(kind="DistributedType.DEEPSPEED"), torch.nn.Linear(2, 2), "bf16", 2)
 
 
 def test_fp32_nan_stops_without_saving_and_resumes(tmp_path) -> None:
@@ -115,8 +136,7 @@ def test_fp16_overflow_skipped_and_counted(tmp_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_guard_adds_no_host_sync_per_step() -> None:
-    acc = types.SimpleNamespace(device=torch.device("cuda"), process_index=0, num_processes=1)
-    guard = Guard(acc, torch.nn.Linear(2, 2).cuda(), "bf16", 0)
+    guard = Guard(_fake_acc("cuda"), torch.nn.Linear(2, 2).cuda(), "bf16", 0)
     norm = torch.tensor(float("nan"), device="cuda")
     loss = torch.tensor(1.0, device="cuda")
     torch.cuda.set_sync_debug_mode("error")

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from train.config import ConfigError
+
 log = logging.getLogger(__name__)
 NAN_ENV = "GLUE_TRAIN_DEBUG_NAN_AT_STEP"
 
@@ -46,6 +48,13 @@ class Guard:
     def __init__(self, acc, model: torch.nn.Module, precision: str, max_skips: int,
                  last_checkpoint: Callable[[], object] = lambda: None):
         self.acc, self.model, self.precision, self.max_skips = acc, model, precision, max_skips
+        if max_skips > 0 and "DEEPSPEED" in str(getattr(acc, "distributed_type", "")).upper():
+            raise ConfigError(
+                f"train.max_nonfinite_skips={max_skips} is not supported under DeepSpeed: the engine owns the "
+                "gradients, so a step cannot be dropped from outside. Set train.max_nonfinite_skips=0 (the run "
+                "stops at a non-finite step and resumes from the last good checkpoint), or use fp16, whose "
+                "DeepSpeed loss scaler skips overflow steps itself"
+            )
         self.last_checkpoint = last_checkpoint  # () -> str | None, for the error message
         self.inject = nan_steps(acc.process_index)
         # device-side: the first bad optimizer step since the last check (0 = none)
