@@ -18,9 +18,23 @@ from conftest import REPO, SMOKE, load_weights
 
 TORCHRUN = REPO / "launch" / "torchrun.sh"
 ACCELERATE = REPO / "launch" / "accelerate.sh"
-KNOBS = ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_BACKEND", "RDZV_ID", "TORCHRUN",
-         "TORCHRUN_ARGS", "ACCELERATE", "ACCELERATE_ARGS", "ACCELERATE_CONFIG", "FORWARD_SIGNALS", "DRY_RUN",
-         "CUDA_VISIBLE_DEVICES")
+KNOBS = (
+    "NPROC",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RDZV_BACKEND",
+    "RDZV_ID",
+    "TORCHRUN",
+    "TORCHRUN_ARGS",
+    "ACCELERATE",
+    "ACCELERATE_ARGS",
+    "ACCELERATE_CONFIG",
+    "FORWARD_SIGNALS",
+    "DRY_RUN",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def clean_env(**kw) -> dict:
@@ -31,8 +45,14 @@ def clean_env(**kw) -> dict:
 
 
 def dry(script: Path, *args: str, **knobs) -> str:
-    proc = subprocess.run(["bash", str(script), *args], env=clean_env(DRY_RUN=1, **knobs), capture_output=True,
-                          text=True, timeout=30, cwd=REPO)
+    proc = subprocess.run(
+        ["bash", str(script), *args],
+        env=clean_env(DRY_RUN=1, **knobs),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("+ ")]
     return line[2:]
@@ -43,21 +63,45 @@ def dry(script: Path, *args: str, **knobs) -> str:
 
 
 def test_torchrun_single_node_passes_args_through():
-    cmd = dry(TORCHRUN, "--config", "configs/tasks/sst2.yaml", "train.lr=3e-5", "tracking.wandb.name=a b",
-              NPROC=2)
-    assert cmd == ("torchrun --standalone --nnodes 1 --nproc_per_node 2 -m train --config configs/tasks/sst2.yaml "
-                   "train.lr=3e-5 tracking.wandb.name=a\\ b")
+    cmd = dry(
+        TORCHRUN, "--config", "configs/tasks/sst2.yaml", "train.lr=3e-5", "tracking.wandb.name=a b", NPROC=2
+    )
+    assert cmd == (
+        "torchrun --standalone --nnodes 1 --nproc_per_node 2 -m train --config configs/tasks/sst2.yaml "
+        "train.lr=3e-5 tracking.wandb.name=a\\ b"
+    )
 
 
 def test_torchrun_multinode_c10d_and_static():
-    cmd = dry(TORCHRUN, "--config", "x.yaml", NPROC=4, NNODES=2, NODE_RANK=1, MASTER_ADDR="node7",
-              MASTER_PORT=1234, RDZV_ID=99)
-    assert cmd == ("torchrun --nnodes 2 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint node7:1234 --rdzv_id 99 "
-                   "--nproc_per_node 4 -m train --config x.yaml")
-    cmd = dry(TORCHRUN, NPROC=1, NNODES=3, NODE_RANK=2, MASTER_ADDR="h", MASTER_PORT=5, RDZV_BACKEND="static",
-              TORCHRUN_ARGS="--max_restarts 0")
-    assert cmd == ("torchrun --nnodes 3 --node_rank 2 --master_addr h --master_port 5 --nproc_per_node 1 "
-                   "--max_restarts 0 -m train")
+    cmd = dry(
+        TORCHRUN,
+        "--config",
+        "x.yaml",
+        NPROC=4,
+        NNODES=2,
+        NODE_RANK=1,
+        MASTER_ADDR="node7",
+        MASTER_PORT=1234,
+        RDZV_ID=99,
+    )
+    assert cmd == (
+        "torchrun --nnodes 2 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint node7:1234 --rdzv_id 99 "
+        "--nproc_per_node 4 -m train --config x.yaml"
+    )
+    cmd = dry(
+        TORCHRUN,
+        NPROC=1,
+        NNODES=3,
+        NODE_RANK=2,
+        MASTER_ADDR="h",
+        MASTER_PORT=5,
+        RDZV_BACKEND="static",
+        TORCHRUN_ARGS="--max_restarts 0",
+    )
+    assert cmd == (
+        "torchrun --nnodes 3 --node_rank 2 --master_addr h --master_port 5 --nproc_per_node 1 "
+        "--max_restarts 0 -m train"
+    )
 
 
 def test_torchrun_nproc_defaults_to_visible_gpus_else_one(tmp_path):
@@ -67,15 +111,25 @@ def test_torchrun_nproc_defaults_to_visible_gpus_else_one(tmp_path):
     for tool in ("awk", "sed", "grep", "dirname", "date"):
         if shutil.which(tool):
             (bin_dir / tool).symlink_to(shutil.which(tool))
-    proc = subprocess.run([shutil.which("bash"), str(TORCHRUN)], env={**clean_env(DRY_RUN=1), "PATH": str(bin_dir)},
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [shutil.which("bash"), str(TORCHRUN)],
+        env={**clean_env(DRY_RUN=1), "PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "--nproc_per_node 1 " in proc.stderr, proc.stderr
     assert "--nproc_per_node 3 " in dry(TORCHRUN, CUDA_VISIBLE_DEVICES="0,1,5")
 
 
 def test_torchrun_rejects_unknown_rendezvous():
-    proc = subprocess.run(["bash", str(TORCHRUN)], env=clean_env(DRY_RUN=1, RDZV_BACKEND="etcd3"),
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(TORCHRUN)],
+        env=clean_env(DRY_RUN=1, RDZV_BACKEND="etcd3"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "RDZV_BACKEND must be" in proc.stderr
 
 
@@ -84,19 +138,33 @@ def test_accelerate_config_file_and_world(tmp_path):
     if not cfg.exists():
         cfg = tmp_path / "ddp.yaml"
         cfg.write_text("distributed_type: MULTI_GPU\n")
-    cmd = dry(ACCELERATE, str(cfg), "--config", "configs/recipe.yaml", "seed=3", NPROC=4, NNODES=2, NODE_RANK=1,
-              MASTER_ADDR="head", MASTER_PORT=29400)
-    assert cmd == (f"accelerate launch --config_file {cfg} --num_processes 8 --num_machines 2 --machine_rank 1 "
-                   "--main_process_ip head --main_process_port 29400 --rdzv_backend static -m train "
-                   "--config configs/recipe.yaml seed=3")
+    cmd = dry(
+        ACCELERATE,
+        str(cfg),
+        "--config",
+        "configs/recipe.yaml",
+        "seed=3",
+        NPROC=4,
+        NNODES=2,
+        NODE_RANK=1,
+        MASTER_ADDR="head",
+        MASTER_PORT=29400,
+    )
+    assert cmd == (
+        f"accelerate launch --config_file {cfg} --num_processes 8 --num_machines 2 --machine_rank 1 "
+        "--main_process_ip head --main_process_port 29400 --rdzv_backend static -m train "
+        "--config configs/recipe.yaml seed=3"
+    )
 
 
 def test_accelerate_without_config_file():
     assert dry(ACCELERATE, "--config", "c.yaml", NPROC=2, MASTER_PORT=1111) == (
         "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --machine_rank 0 "
-        "--main_process_ip 127.0.0.1 --main_process_port 1111 -m train --config c.yaml")
+        "--main_process_ip 127.0.0.1 --main_process_port 1111 -m train --config c.yaml"
+    )
     assert dry(ACCELERATE, "--config", "c.yaml", NPROC=1) == (
-        "accelerate launch --num_processes 1 --num_machines 1 -m train --config c.yaml")
+        "accelerate launch --num_processes 1 --num_machines 1 -m train --config c.yaml"
+    )
 
 
 def test_slurm_info_lands_in_the_programs_output_dir(tmp_path):
@@ -107,8 +175,13 @@ def test_slurm_info_lands_in_the_programs_output_dir(tmp_path):
     args = ["--config", str(SMOKE), f"output_dir={tmp_path}/{{task}}-{{model}}-s{{seed}}", "seed=5"]
     expected = output_dir(load_config(str(SMOKE), args[2:]))
     env = clean_env(GLUE_ROOT=REPO, SLURM_JOB_ID=123, SLURM_RESTART_COUNT=1)
-    proc = subprocess.run(["bash", "-c", 'source "$GLUE_ROOT/slurm/common.sh" && write_slurm_info "$@"', "x", *args],
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", "-c", 'source "$GLUE_ROOT/slurm/common.sh" && write_slurm_info "$@"', "x", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads((expected / "slurm_info.json").read_text())
     (start,) = info["starts"]
@@ -120,7 +193,7 @@ def test_slurm_info_lands_in_the_programs_output_dir(tmp_path):
 # signal forwarding, with a stand-in program (no model): real torchrun, real signals
 
 
-STAND_IN = r'''
+STAND_IN = r"""
 import os, signal, sys, time
 out = os.environ["FW_OUT"]
 rank = os.environ.get("RANK", "0")
@@ -141,7 +214,7 @@ while not got and time.time() - t0 < 30:
     time.sleep(0.05)
 os.waitpid(child, 0)
 open(f"{out}/worker-{rank}", "w").write(" ".join(got) + f" {sys.argv[1:]}")
-'''
+"""
 
 
 @pytest.fixture
@@ -156,17 +229,27 @@ def stand_in_repo(tmp_path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("launcher,sig,early", [
-    ("torchrun", "USR1", False), ("torchrun", "TERM", False), ("accelerate", "USR1", False),
-    ("torchrun", "USR1", True),  # signalled before the program has its handler: delivered once it has
-])
+@pytest.mark.parametrize(
+    "launcher,sig,early",
+    [
+        ("torchrun", "USR1", False),
+        ("torchrun", "TERM", False),
+        ("accelerate", "USR1", False),
+        ("torchrun", "USR1", True),  # signalled before the program has its handler: delivered once it has
+    ],
+)
 def test_signal_goes_to_training_processes_only(stand_in_repo, tmp_path, launcher, sig, early):
     out = tmp_path / "out"
     out.mkdir()
     env = clean_env(NPROC=2, FW_OUT=out, PYTHONPATH=stand_in_repo, FW_DELAY=4 if early else 0)
-    proc = subprocess.Popen(["bash", str(stand_in_repo / "launch" / f"{launcher}.sh"), "--config", "a b", "k=v"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)  # not the repo: `-m train` would find the real package in the cwd
+    proc = subprocess.Popen(
+        ["bash", str(stand_in_repo / "launch" / f"{launcher}.sh"), "--config", "a b", "k=v"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )  # not the repo: `-m train` would find the real package in the cwd
     t0 = time.time()
     while len(list(out.glob("started-*" if early else "ready-*"))) < 2:
         assert proc.poll() is None and time.time() - t0 < 90, proc.stdout.read() if proc.stdout else ""
@@ -184,8 +267,14 @@ def test_signal_goes_to_training_processes_only(stand_in_repo, tmp_path, launche
 # the real program, 2 processes on CPU (gloo)
 
 RUN_ARGS = [
-    "--config", str(SMOKE), "model.dropout=0", "precision=no", "train.per_device_batch_size=1",
-    "train.log_every=1", "checkpoint.every_steps=40", "eval.predict_test=false",
+    "--config",
+    str(SMOKE),
+    "model.dropout=0",
+    "precision=no",
+    "train.per_device_batch_size=1",
+    "train.log_every=1",
+    "checkpoint.every_steps=40",
+    "eval.predict_test=false",
 ]
 TOTAL_STEPS = 64
 
@@ -197,8 +286,14 @@ def train_steps(out: Path) -> list[int]:
 
 def launch(out: Path, **knobs) -> subprocess.Popen:
     env = clean_env(NPROC=2, OMP_NUM_THREADS=1, **knobs)
-    return subprocess.Popen(["bash", str(TORCHRUN), *RUN_ARGS, f"output_dir={out}"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", str(TORCHRUN), *RUN_ARGS, f"output_dir={out}"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")

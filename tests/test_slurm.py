@@ -29,13 +29,26 @@ pytestmark = pytest.mark.slurm
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 TOTAL_STEPS = 64  # smoke: 512 rows / 16 per step x 2 epochs
 RUN_ARGS = [
-    "--config", str(SMOKE),
-    "model.dropout=0", "precision=no",
+    "--config",
+    str(SMOKE),
+    "model.dropout=0",
+    "precision=no",
     "train.per_device_batch_size=1",  # 8 accumulated micro-batches per step: slow enough to be signalled mid-run
-    "train.log_every=1", "checkpoint.every_steps=40", "eval.predict_test=false",
+    "train.log_every=1",
+    "checkpoint.every_steps=40",
+    "eval.predict_test=false",
 ]
 CPU_SBATCH = ["--gres=none", "--cpus-per-task=2"]  # the scripts' #SBATCH lines ask for GPUs
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def _sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -48,7 +61,9 @@ def _sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.Comple
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     if shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed (no `sinfo`): run `tests/slurm/cluster.sh start` (root, Debian 12) first")
+        pytest.skip(
+            "SLURM is not installed (no `sinfo`): run `tests/slurm/cluster.sh start` (root, Debian 12) first"
+        )
     if _sh(str(CLUSTER), "status", check=False).returncode == 0:
         yield
         return
@@ -76,7 +91,11 @@ def submit(script: str, args: list[str], sbatch_opts: list[str], cwd: Path, env:
         del full_env[k]
     proc = subprocess.run(
         ["sbatch", "--parsable", *sbatch_opts, str(REPO / "slurm" / script), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
     return proc.stdout.strip().split(";")[0]
@@ -137,7 +156,9 @@ def wait_for_steps(out: Path, job: str, n: int, timeout: float = 600) -> None:
         if len(train_rows(out)) >= n:
             return
         info = job_info(job)
-        assert info is None or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} ended early: {info}"
+        assert info is None or info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"job {job} ended early: {info}"
+        )
         time.sleep(0.2)
     raise AssertionError(f"job {job}: fewer than {n} steps in {out}/metrics.jsonl after {timeout}s")
 
@@ -149,7 +170,9 @@ def log_of(cwd: Path, job: str) -> str:
 
 def assert_finished(out: Path, cwd: Path, job: str, info: dict, world: int = 2) -> None:
     log = log_of(cwd, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n--- log ---\n{log[-6000:]}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{info}\n--- log ---\n{log[-6000:]}"
+    )
     assert (out / "eval_results.json").exists(), log[-6000:]
     run_info = json.loads((out / "run_info.json").read_text())
     assert run_info["world_size"] == world
@@ -187,8 +210,13 @@ def assert_resumed_mid_epoch(out: Path, cwd: Path, job: str, restarts: int = 1) 
 @pytest.fixture(scope="module")
 def reference(workdir) -> Path:
     out = workdir / "reference"
-    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"], CPU_SBATCH + ["-o", "%x-%j.out"], workdir,
-                 env={"PROCS_PER_NODE": "2"})
+    job = submit(
+        "train.sbatch",
+        [*RUN_ARGS, f"output_dir={out}"],
+        CPU_SBATCH + ["-o", "%x-%j.out"],
+        workdir,
+        env={"PROCS_PER_NODE": "2"},
+    )
     info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
     return out
@@ -217,8 +245,13 @@ def test_train_sbatch_one_node_two_processes(reference, workdir):
 
 def test_multinode_two_nodes_preempted(reference, workdir):
     out = workdir / "multinode"
-    job = submit("multinode.sbatch", [*RUN_ARGS, f"output_dir={out}"],
-                 [*CPU_SBATCH, "--nodes=2", "-o", "%x-%j.out"], workdir, env={"PROCS_PER_NODE": "1"})
+    job = submit(
+        "multinode.sbatch",
+        [*RUN_ARGS, f"output_dir={out}"],
+        [*CPU_SBATCH, "--nodes=2", "-o", "%x-%j.out"],
+        workdir,
+        env={"PROCS_PER_NODE": "1"},
+    )
     wait_for_steps(out, job, 10)
     _sh("scancel", "--signal=USR1", "--batch", job)
     info = wait_job(job, 900)
@@ -239,8 +272,13 @@ def test_multinode_two_nodes_preempted(reference, workdir):
 
 def test_preempt_usr1_to_batch_shell(reference, workdir):
     out = workdir / "usr1"
-    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"], CPU_SBATCH + ["-o", "%x-%j.out"], workdir,
-                 env={"PROCS_PER_NODE": "2"})
+    job = submit(
+        "train.sbatch",
+        [*RUN_ARGS, f"output_dir={out}"],
+        CPU_SBATCH + ["-o", "%x-%j.out"],
+        workdir,
+        env={"PROCS_PER_NODE": "2"},
+    )
     wait_for_steps(out, job, 10)
     _sh("scancel", "--signal=USR1", "--batch", job)
     info = wait_job(job, 900)
@@ -257,9 +295,13 @@ def test_preempt_time_limit_signal(reference, workdir):
     every 30 s), often before the program has its handler (the forwarding waits for it); the limit leaves the
     run ~80 s to checkpoint. Once requeued, the test lifts the limit so that the second run can finish."""
     out = workdir / "timelimit"
-    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"],
-                 [*CPU_SBATCH, "--time=2", "--signal=B:USR1@115", "-o", "%x-%j.out"], workdir,
-                 env={"PROCS_PER_NODE": "2"})
+    job = submit(
+        "train.sbatch",
+        [*RUN_ARGS, f"output_dir={out}"],
+        [*CPU_SBATCH, "--time=2", "--signal=B:USR1@115", "-o", "%x-%j.out"],
+        workdir,
+        env={"PROCS_PER_NODE": "2"},
+    )
     lifted = []
 
     def lift(info):
@@ -278,13 +320,26 @@ def test_preempt_by_high_priority_partition(reference, workdir):
     """A job in `low` is preempted (REQUEUE, GraceTime 15 s) by a job in `high` that needs its node: SLURM sends
     the job's --signal (B:USR1) at preemption; the run checkpoints and requeues before the grace time ends."""
     out = workdir / "partition"
-    job = submit("train.sbatch", [*RUN_ARGS, f"output_dir={out}"],
-                 [*CPU_SBATCH, "--partition=low", "--nodelist=n1", "--exclusive", "-o", "%x-%j.out"], workdir,
-                 env={"PROCS_PER_NODE": "2"})
+    job = submit(
+        "train.sbatch",
+        [*RUN_ARGS, f"output_dir={out}"],
+        [*CPU_SBATCH, "--partition=low", "--nodelist=n1", "--exclusive", "-o", "%x-%j.out"],
+        workdir,
+        env={"PROCS_PER_NODE": "2"},
+    )
     wait_for_steps(out, job, 5)
     marker = workdir / "high-ran"
-    high = _sh("sbatch", "--parsable", "--partition=high", "--nodelist=n1", "--exclusive",
-               "-o", str(workdir / "high-%j.out"), "--wrap", f"touch {marker}; sleep 1").stdout.strip()
+    high = _sh(
+        "sbatch",
+        "--parsable",
+        "--partition=high",
+        "--nodelist=n1",
+        "--exclusive",
+        "-o",
+        str(workdir / "high-%j.out"),
+        "--wrap",
+        f"touch {marker}; sleep 1",
+    ).stdout.strip()
     info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
     assert info["Restarts"] == "1"
@@ -302,9 +357,16 @@ def test_sweep_array_two_lines(workdir):
     sweep.mkdir()
     listfile = sweep / "list.txt"
     common = f"config={SMOKE} output_dir={sweep}/{{task}}-s{{seed}} train.max_steps=6 eval.predict_test=false"
-    listfile.write_text(f"# task seed overrides\n\nsst2 11 {common}\n  # a comment\nsst2 12 {common} train.lr=5e-4\n")
-    job = submit("sweep.sbatch", [str(listfile), "train.log_every=2"], [*CPU_SBATCH, "--array=0-1"], sweep,
-                 env={"PROCS_PER_NODE": "1"})
+    listfile.write_text(
+        f"# task seed overrides\n\nsst2 11 {common}\n  # a comment\nsst2 12 {common} train.lr=5e-4\n"
+    )
+    job = submit(
+        "sweep.sbatch",
+        [str(listfile), "train.log_every=2"],
+        [*CPU_SBATCH, "--array=0-1"],
+        sweep,
+        env={"PROCS_PER_NODE": "1"},
+    )
     seen = wait_jobs([f"{job}_0", f"{job}_1"], 900)
 
     for i, seed, lr in ((0, 11, 1e-3), (1, 12, 5e-4)):
