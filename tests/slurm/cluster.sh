@@ -11,12 +11,18 @@
 # What it changes outside $STATE_DIR, and undoes on stop:
 #   /etc/slurm/slurm.conf   (an existing one is moved aside and restored)
 #   /etc/hosts              (one line `127.0.0.1 n1 n2 # glue-slurm-test`, so c10d rendezvous can resolve them)
-# Knobs: SLURM_TEST_DIR (state, default /tmp/glue-slurm), SLURM_TEST_TIMEOUT (s to wait for idle nodes, 60).
+# Knobs: SLURM_TEST_DIR (state; default: the running cluster's, else /tmp/glue-slurm), SLURM_TEST_TIMEOUT (s to wait
+# for idle nodes, 60).
 set -euo pipefail
 
-STATE_DIR=${SLURM_TEST_DIR:-/tmp/glue-slurm}
 CONF=/etc/slurm/slurm.conf
 MARK="# glue-slurm-test"
+STATE_DIR=${SLURM_TEST_DIR:-}
+if [[ -z $STATE_DIR && -f $CONF ]] && grep -q "^$MARK" "$CONF"; then
+    # a cluster we started earlier (maybe with another SLURM_TEST_DIR): its state dir is in our config
+    STATE_DIR=$(sed -n 's|^StateSaveLocation=\(.*\)/ctld$|\1|p' "$CONF")
+fi
+STATE_DIR=${STATE_DIR:-/tmp/glue-slurm}
 HOSTS_LINE="127.0.0.1 n1 n2 $MARK"
 NODES=(n1 n2)
 TIMEOUT=${SLURM_TEST_TIMEOUT:-60}
