@@ -125,12 +125,20 @@ def assert_same_training(run: Path, ref: Path, name: str) -> None:
         assert rel_diff(weights[key], value) <= RTOL, (name, key, rel_diff(weights[key], value))
 
 
-def assert_deepspeed_stage(run: Path, log: str, stage: int) -> None:
+def assert_deepspeed_stage(run: Path, log: str, stage: int) -> dict:
     """The run really went through DeepSpeed (not DDP, which Accelerate silently falls back to on CPU)."""
     info = json.loads((run / "run_info.json").read_text())
     assert info["distributed_type"] == "DistributedType.DEEPSPEED"
     assert (info["world_size"], info["per_device_batch_size"], info["grad_accum_steps"]) == (2, 4, 2)
     assert f"DeepSpeed ZeRO-{stage}: micro batch 4 x accumulation 2 x 2 processes = 16" in log
+    ds = info["deepspeed"]
+    assert ds["zero_stage"] == stage and ds["optimizer"] == "AdamW"
+    assert {k: ds["config"][k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                         "train_batch_size", "gradient_clipping")} == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
+        "gradient_clipping": 1.0}
+    assert ds["config"]["bf16.enabled"] == (info["precision"] == "bf16") and ds["config"]["fp16.enabled"] is False
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,8 +151,11 @@ def test_zero_matches_ddp(runs, name):
     ddp, _ = runs["ddp"]
     info = json.loads((ddp / "run_info.json").read_text())
     assert info["distributed_type"] == "DistributedType.MULTI_CPU" and info["grad_accum_steps"] == 2
+    assert info["deepspeed"] is None
     run, log = runs[name]
-    assert_deepspeed_stage(run, log, STAGE[RUNS[name][0]])
+    ds = assert_deepspeed_stage(run, log, STAGE[RUNS[name][0]])
+    offload = ds["config"].get("zero_optimization.offload_optimizer.device", "none")
+    assert offload == ("cpu" if name.endswith("offload") else "none")
     assert_same_training(run, ddp, name)
     ev, ref_ev = (json.loads((d / "eval_results.json").read_text()) for d in (run, ddp))
     for which in ("final", "best"):
@@ -165,8 +176,9 @@ def test_single_process_matches_ddp(runs):
 def test_bf16_zero2_tracks_fp32(runs):
     run, log = runs["zero2_bf16"]
     ref, _ = runs["zero2"]
-    assert_deepspeed_stage(run, log, 2)
+    ds = assert_deepspeed_stage(run, log, 2)
     assert json.loads((run / "run_info.json").read_text())["precision"] == "bf16"
+    assert ds["config"]["bf16.enabled"] is True and ds["config"]["data_types.grad_accum_dtype"] == "fp32"
     rows, ref_rows = train_rows(run), train_rows(ref)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     diffs = [abs(a["train/loss"] - b["train/loss"]) / b["train/loss"] for a, b in zip(rows, ref_rows, strict=True)]

@@ -275,3 +275,24 @@ def grad_norm(acc, model, max_norm: float | None):
     returns the engine's norm.
     """
     return acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+
+
+def describe(acc) -> dict | None:
+    """What DeepSpeed runs with, for ``run_info.json`` (None without DeepSpeed)."""
+    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        return None
+    engine, ds = wrapped.engine, acc.deepspeed_config
+    import deepspeed
+
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+            "gradient_clipping", "fp16.enabled", "bf16.enabled", "data_types.grad_accum_dtype",
+            "zero_optimization.stage", "zero_optimization.offload_optimizer.device",
+            "zero_optimization.offload_param.device")
+    return {
+        "version": deepspeed.__version__,
+        "config_file": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
+        "zero_stage": engine.zero_optimization_stage(),
+        "optimizer": type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
+        "config": {k: _get(ds, k) for k in keys if _get(ds, k) is not None},
+    }
