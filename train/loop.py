@@ -71,6 +71,7 @@ class Run:
     )
     guard: Guard | None = None  # non-finite loss/grad policy (train/nonfinite.py)
     bar: object = None  # progress bar over optimizer steps, main process only
+    stopping: bool = False  # every rank agreed to stop (a signal reached at least one of them)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ def train(run: Run) -> dict | None:
             break
         st.epoch = epoch
         train_one_epoch(run)
-        if run.stop.raised:
+        if run.stopping:
             preempt(run)
             return None
         if st.step_in_epoch == run.sampler.steps_per_epoch():
@@ -388,7 +389,8 @@ def train_one_epoch(run: Run) -> None:
         if cfg.eval.every_steps and st.global_step % cfg.eval.every_steps == 0:
             evaluate_and_track(run)
             run.model.train()
-        if st.global_step >= run.total_steps or should_stop(run):
+        run.stopping = should_stop(run)  # voted every step, so all ranks stop after the same one
+        if st.global_step >= run.total_steps or run.stopping:
             break
 
 
