@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for the fast path, e.g. --fast fast.bucket_multiple=16")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--profile", metavar="DIR",
+                   help="after timing, profile 20 more steps of each loop path with torch.profiler: a table of the "
+                        "top ops on stderr and a Chrome trace DIR/<path>.json (where the step's time goes)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--workdir", help="keep the model, data and run folders here (default: a temp dir, removed)")
     return p.parse_args(argv)
@@ -280,6 +283,10 @@ def run_loop(a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, 
     t0 = time.perf_counter()
     run = loop.setup(cfg)
     compile_s = run.fast.warmup_s
+    if getattr(run, "bar", "absent") is None:  # train() opens a progress bar; we call train_one_epoch directly
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(disable=True)
     device = run.acc.device
     total = run.total_steps
     run.total_steps = a.warmup
@@ -293,12 +300,36 @@ def run_loop(a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, 
     t3 = time.perf_counter()
     if run.state.global_step != total:
         raise RuntimeError(f"{name}: ran {run.state.global_step} steps, wanted {total} (too few rows?)")
+    if a.profile:
+        profile(run, name, Path(a.profile))
     out = {"warmup_s": compile_s + (t2 - t1), "timed_s": t3 - t2, "device": device,
            "model": run.acc.unwrap_model(run.model), "setup_s": t1 - t0 - compile_s,
            "fast_path": run.fast.decision.describe(), **run.fast.metrics()}
     run.acc.end_training()
     del run
     return out
+
+
+def profile(run, name: str, folder: Path, steps: int = 20) -> None:
+    """torch.profiler over ``steps`` more optimizer steps (the run must have rows left for them)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from train import loop
+
+    if (run.state.step_in_epoch + steps) > run.sampler.steps_per_epoch():
+        log.warning("profile: not enough rows left for %d more steps of %s; skipped", steps, name)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    run.total_steps = run.state.global_step + steps
+    with torch_profile(activities=acts) as prof:
+        loop.train_one_epoch(run)
+        sync(run.acc.device)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"--- profile of {steps} steps: {name} ---\n" + prof.key_averages().table(sort_by=key, row_limit=25),
+          file=sys.stderr)
+    prof.export_chrome_trace(str(folder / f"{name}.json"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +358,7 @@ def measure(a: argparse.Namespace, stdout) -> int:
             raise SystemExit(f"--paths: unknown path {p!r} (choose from {', '.join(PATHS)})")
     root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    rows = (a.warmup + a.steps) * a.batch
+    rows = (a.warmup + a.steps + (20 if a.profile else 0)) * a.batch
     if a.lengths in ("fixed128", "mnli"):
         glue_dir, task_name = write_synthetic(a.lengths, root, rows, a.max_length, a.seed), "sst2"
     else:
