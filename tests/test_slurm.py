@@ -238,6 +238,37 @@ def test_train_sbatch_one_node_two_processes(reference, workdir):
     assert log.exists() and "--nproc_per_node 2" in log.read_text()
 
 
+@pytest.mark.parametrize(
+    "script,opts,env,nproc",
+    [
+        ("train.sbatch", ["--gres=gpu:2"], {}, 2),  # one process per GPU SLURM gave the node
+        ("train.sbatch", ["--gres=gpu:2"], {"PROCS_PER_NODE": "1"}, 1),  # PROCS_PER_NODE wins
+        ("multinode.sbatch", ["--gres=gpu:2", "--nodes=2"], {}, 2),
+    ],
+)
+def test_processes_per_node_follow_the_gpus(workdir, script, opts, env, nproc):
+    """The test nodes have 2 pretend GPUs each (gres.conf without real devices); DRY_RUN=1 makes the launch script
+    print its command and stop, so this checks the resolved torchrun lines under SLURM in seconds."""
+    d = workdir / f"gpus-{script}-{nproc}-{len(env)}"
+    d.mkdir()
+    out = d / "run"
+    job = submit(
+        script,
+        ["--config", str(SMOKE), f"output_dir={out}"],
+        [*opts, "--cpus-per-task=1", "-o", "%x-%j.out"],
+        d,
+        env={"DRY_RUN": "1", **env},
+    )
+    info = wait_job(job, 120)
+    log = log_of(d, job)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
+    lines = [ln for ln in log.splitlines() if ln.startswith("+ torchrun")]
+    nodes = 2 if script == "multinode.sbatch" else 1
+    assert len(lines) == nodes and all(f"--nproc_per_node {nproc} " in ln for ln in lines), log
+    start = json.loads((out / "slurm_info.json").read_text())["starts"][0]
+    assert start["procs_per_node"] == nproc and start["slurm"]["SLURM_GPUS_ON_NODE"] == "2"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. two nodes x 1 process: one torch.distributed world across the nodes; preempted and requeued on the way
 #    (the batch shell relays SIGUSR1 through srun to each node's launch script, which forwards it to its worker)

@@ -9,13 +9,15 @@
 #   debug (default), low (PriorityTier=1, GraceTime=15, preempted by REQUEUE), high (preempts low).
 # No systemd: munged, slurmctld and two slurmd are started by hand; their PID files live in $STATE_DIR.
 # What it changes outside $STATE_DIR, and undoes on stop:
-#   /etc/slurm/slurm.conf   (an existing one is moved aside and restored)
+#   /etc/slurm/slurm.conf, /etc/slurm/gres.conf   (existing ones are moved aside and restored; gres.conf gives
+#                           each node 2 pretend GPUs without device files, so SLURM_GPUS_ON_NODE can be tested)
 #   /etc/hosts              (one line `127.0.0.1 n1 n2 # glue-slurm-test`, so c10d rendezvous can resolve them)
 # Knobs: SLURM_TEST_DIR (state; default: the running cluster's, else /tmp/glue-slurm), SLURM_TEST_TIMEOUT (s to wait
 # for idle nodes, 60).
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
+GRES_CONF=/etc/slurm/gres.conf
 MARK="# glue-slurm-test"
 STATE_DIR=${SLURM_TEST_DIR:-}
 if [[ -z $STATE_DIR && -f $CONF ]] && grep -q "^$MARK" "$CONF"; then
@@ -100,11 +102,19 @@ JobRequeue=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=4 RealMemory=8000 State=UNKNOWN
+GresTypes=gpu
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=4 RealMemory=8000 Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
 PartitionName=low Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=15
 PartitionName=high Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
+    # two pretend GPUs per node (no device files): SLURM_GPUS_ON_NODE is set for jobs that ask for them; the
+    # processes still run on CPU
+    if [[ -e $GRES_CONF ]] && ! grep -q "^$MARK" "$GRES_CONF"; then
+        [[ -e $STATE_DIR/gres.conf.orig ]] || cp -p "$GRES_CONF" "$STATE_DIR/gres.conf.orig"
+    fi
+    printf '%s\n%s\n' "$MARK: written by tests/slurm/cluster.sh, removed by \`cluster.sh stop\`" \
+        "NodeName=n[1-2] Name=gpu File=/dev/null,/dev/zero" >"$GRES_CONF"
     if ! grep -q "$MARK" /etc/hosts; then
         echo "$HOSTS_LINE" >>/etc/hosts
     fi
@@ -183,7 +193,7 @@ kill_pidfile() {  # file program
     pid=$(live_pid "$1" "$2") || { rm -f "$1"; return 0; }
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
     rm -f "$1"
 }
 
@@ -215,6 +225,10 @@ cmd_stop() {
     if [[ -e $CONF ]] && grep -q "^$MARK" "$CONF"; then
         rm -f "$CONF"
         [[ -e $STATE_DIR/slurm.conf.orig ]] && mv "$STATE_DIR/slurm.conf.orig" "$CONF"
+    fi
+    if [[ -e $GRES_CONF ]] && grep -q "^$MARK" "$GRES_CONF"; then
+        rm -f "$GRES_CONF"
+        [[ -e $STATE_DIR/gres.conf.orig ]] && mv "$STATE_DIR/gres.conf.orig" "$GRES_CONF"
     fi
     if grep -q "$MARK" /etc/hosts; then
         # /etc/hosts may be a bind mount: rewrite in place, never replace the file
