@@ -60,7 +60,7 @@ class Guard:
         # device-side: the first bad optimizer step since the last check (0 = none)
         self.first_bad = torch.zeros((), dtype=torch.long, device=acc.device)
         self.skipped_now = False  # this step's gradients were dropped (bf16/fp32, max_skips > 0)
-        self.skips = 0  # steps dropped so far by this guard
+        self.skips = 0  # steps dropped since this process started (the limit is per start, not per run)
 
     def poison(self, losses: torch.Tensor, step: int) -> torch.Tensor:
         """The NaN-injection hook (a no-op unless the env var names ``step``)."""
@@ -107,6 +107,7 @@ class Guard:
             f"{self.precision or 'no'}; {how}). The run stopped without writing a checkpoint after that step; "
             + (f"the last good checkpoint is {last} and checkpoint.resume=auto resumes from it. "
                if last else "there is no earlier checkpoint. ")
-            + "Lower train.lr, enable train.max_grad_norm, use precision=no instead of bf16, or set "
-            "train.max_nonfinite_skips=N to skip up to N such steps"
+            + "Lower train.lr, enable train.max_grad_norm, "
+            + ("use precision=no instead of bf16, " if self.precision == "bf16" else "")
+            + "or set train.max_nonfinite_skips=N to skip up to N such steps"
         )
