@@ -23,6 +23,13 @@ def _help_epilog() -> str:
     return "\n".join(lines)
 
 
+def keys_markdown() -> str:
+    """The README's config table (regenerate with ``python -m train --keys-markdown``)."""
+    rows = ["| key | default | what |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{default!r}` | {doc} |" for k, doc, default in describe()]
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
@@ -32,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--keys-markdown", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     return parser.parse_args(argv)
 
@@ -49,6 +57,9 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.keys_markdown:
+        print(keys_markdown())
+        return 0
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -35,7 +35,9 @@ class ModelConfig:
         "Hugging Face Hub id or local directory of the encoder; 'builtin:tiny-bert' is the bundled tiny model",
     )
     revision: str | None = f(None, "Hub revision (branch, tag or commit) of the model")
-    dropout: float | None = f(None, "override hidden and attention dropout (0 makes runs comparable bit for bit)")
+    dropout: float | None = f(
+        None, "override hidden and attention dropout (0 makes runs comparable bit for bit)"
+    )
     ignore_mismatched_sizes: bool = f(
         False, "allow a checkpoint whose classification head has another size (the head is re-initialised)"
     )
@@ -49,6 +51,9 @@ class DataConfig:
         "root of a local GLUE download (official layout: SST-2/train.tsv, ...); "
         "'builtin:glue-sample' = the bundled sample; unset = the Hub dataset nyu-mll/glue",
     )
+    hub_dataset: str = f(
+        "nyu-mll/glue", "Hub dataset id used when data.glue_dir is unset (or a local copy of that repo)"
+    )
     max_length: int = f(128, "truncate each (pair of) sentence(s) to this many tokens")
     max_train_samples: int | None = f(None, "use only the first N training rows (a fixed subset)")
     max_eval_samples: int | None = f(None, "use only the first N rows of each dev split")
@@ -56,7 +61,9 @@ class DataConfig:
         None, "where tokenized datasets are cached; unset = $GLUE_TRAIN_CACHE or ~/.cache/glue-train"
     )
     num_workers: int = f(0, "DataLoader worker processes per rank")
-    pad_to_multiple_of: int | None = f(None, "pad each batch's length up to a multiple of N (None: longest in batch)")
+    pad_to_multiple_of: int | None = f(
+        None, "pad each batch's length up to a multiple of N (None: longest in batch)"
+    )
     group_by_length: bool = f(
         False,
         "build each optimizer step's batch from rows of similar length (shuffled per epoch, deterministic per "
@@ -72,7 +79,9 @@ class TrainConfig:
         None, "samples per process per forward; unset = effective_batch_size / world_size (no accumulation)"
     )
     epochs: int = f(5, "passes over the training set")
-    max_steps: int | None = f(None, "stop after this many optimizer steps (caps epochs; the LR schedule spans it)")
+    max_steps: int | None = f(
+        None, "stop after this many optimizer steps (caps epochs; the LR schedule spans it)"
+    )
     lr: float = f(2e-5, "peak learning rate")
     warmup_ratio: float = f(0.0, "fraction of optimizer steps with linear warm-up")
     lr_scheduler: Literal["linear", "constant"] = f("linear", "LR schedule after warm-up")
@@ -82,12 +91,6 @@ class TrainConfig:
     adam_eps: float = f(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = f(1.0, "clip the global gradient norm to this (None: no clipping)")
     log_every: int = f(10, "log train metrics every N optimizer steps")
-    max_nonfinite_skips: int = f(
-        0,
-        "bf16/fp32: skip up to N optimizer steps whose loss or grad norm is not finite, then stop with an "
-        "error (0: stop at the first, detected at the next log/checkpoint/eval; N>0 reads the norm every step). "
-        "fp16: overflow steps are skipped by the loss scaler and counted in train/skipped_steps",
-    )
     max_nonfinite_skips: int = f(
         0,
         "bf16/fp32: skip up to N optimizer steps whose loss or grad norm is not finite, then stop with an "
@@ -108,7 +111,9 @@ class EvalConfig:
 class CheckpointConfig:
     every_steps: int | None = f(None, "save a full training checkpoint every N optimizer steps")
     keep_last: int = f(2, "how many periodic checkpoints to keep (the best model is never deleted)")
-    resume: str = f("auto", "'auto' = newest complete checkpoint in output_dir, 'never', or a checkpoint path")
+    resume: str = f(
+        "auto", "'auto' = newest complete checkpoint in output_dir, 'never', or a checkpoint path"
+    )
 
 
 @dataclass
@@ -123,16 +128,20 @@ class DeepSpeedConfig:
 @dataclass
 class WandbConfig:
     project: str | None = f(
-        None, "W&B project; unset = $WANDB_PROJECT; W&B is off when neither is set (metrics.jsonl is always written)"
+        None,
+        "W&B project; unset = $WANDB_PROJECT; W&B is off when neither is set (metrics.jsonl is always written)",
     )
     entity: str | None = f(None, "W&B entity (user or team); unset = $WANDB_ENTITY or your default entity")
     mode: Literal["online", "offline", "disabled"] | None = f(
-        None, "online, offline (compute nodes without network; `wandb sync` later) or disabled; unset = $WANDB_MODE or online"
+        None,
+        "online, offline (compute nodes without network; `wandb sync` later) or disabled; unset = $WANDB_MODE or online",
     )
     name: str | None = f(None, "run name; unset = <task>-<model>-s<seed>")
     group: str | None = f(None, "run group, e.g. the sweep name")
     tags: list[str] = f([], "run tags (comma-separated on the command line)")
-    dir: str | None = f(None, "where W&B writes its files (a wandb/ folder inside); unset = $WANDB_DIR or output_dir")
+    dir: str | None = f(
+        None, "where W&B writes its files (a wandb/ folder inside); unset = $WANDB_DIR or output_dir"
+    )
 
 
 @dataclass
@@ -148,16 +157,23 @@ class FastConfig:
         "CUDA without DeepSpeed; true forces it (CPU too: compile only); the reason is logged when it is off",
     )
     compile: bool = f(True, "fast path: torch.compile forward+loss (+backward) for train and eval")
-    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = f(
-        "auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on one GPU, default otherwise"
+    compile_mode: Literal[
+        "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = f("auto", "torch.compile mode; auto = reduce-overhead (CUDA graphs) on one GPU, default otherwise")
+    backend: str = f(
+        "inductor", "torch.compile backend; aot_eager traces the same graphs without code generation"
     )
-    backend: str = f("inductor", "torch.compile backend; aot_eager traces the same graphs without code generation")
-    bucket_multiple: int = f(32, "fast path: pad batch lengths up to a multiple of N (capped at data.max_length)")
+    bucket_multiple: int = f(
+        32, "fast path: pad batch lengths up to a multiple of N (capped at data.max_length)"
+    )
     buckets: list[int] | None = f(
-        None, "fast path: a fixed set of padded lengths instead of multiples (data.max_length is always added)"
+        None,
+        "fast path: a fixed set of padded lengths instead of multiples (data.max_length is always added)",
     )
     fused_adamw: bool = f(True, "fast path: torch.optim.AdamW(fused=True), one kernel for the whole update")
-    precompile: bool = f(True, "fast path: compile every bucket shape before the first step (no compiles later)")
+    precompile: bool = f(
+        True, "fast path: compile every bucket shape before the first step (no compiles later)"
+    )
 
 
 @dataclass
@@ -166,9 +182,7 @@ class Config:
     precision: Literal["auto", "no", "bf16", "fp16"] = f(
         "auto", "mixed precision: auto = bf16 where the GPU has it, else fp16 on GPU, else no"
     )
-    output_dir: str = f(
-        "runs/{task}-{model}-s{seed}", "run folder; {task}, {model} and {seed} are filled in"
-    )
+    output_dir: str = f("runs/{task}-{model}-s{seed}", "run folder; {task}, {model} and {seed} are filled in")
     overwrite: bool = f(False, "allow reusing an output_dir that holds a run with a different config")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,7 +298,9 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
         tp = hints[part]
         if i == len(parts) - 1:
             if _is_section(tp):
-                raise ConfigError(f"command line: '{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=…")
+                raise ConfigError(
+                    f"command line: '{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=…"
+                )
             value = yaml.safe_load(raw) if raw.strip() else ""
             setattr(obj, part, _coerce(value, tp, dotted, "command line"))
         else:
@@ -319,9 +335,7 @@ def validate(cfg: Config) -> None:
     from train.tasks import TASKS
 
     if cfg.data.task not in TASKS:
-        raise ConfigError(
-            f"data.task: unknown GLUE task '{cfg.data.task}'; choose one of {', '.join(TASKS)}"
-        )
+        raise ConfigError(f"data.task: unknown GLUE task '{cfg.data.task}'; choose one of {', '.join(TASKS)}")
     positive = {
         "train.effective_batch_size": cfg.train.effective_batch_size,
         "train.epochs": cfg.train.epochs,
@@ -347,8 +361,6 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.train.max_nonfinite_skips < 0:
-        raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
     if cfg.train.max_nonfinite_skips < 0:
         raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:

@@ -27,7 +27,6 @@ from train.tasks import Split, Task
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"builtin:glue-sample": ASSETS / "glue_sample", "builtin:tiny-bert": ASSETS / "tiny-bert"}
-HUB_DATASET = "nyu-mll/glue"
 
 
 class DataError(ValueError):
@@ -84,6 +83,9 @@ def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
     else:
         header, body, first_line = rows[0], rows[1:], 2
     columns = [*task.tsv_columns, *([] if split.kind == "test" else [task.tsv_label or "label"])]
+    id_column = "id" if split.kind == "test" and "id" in header else "index"  # QQP's test file says "id"
+    if split.kind == "test":
+        columns.append(id_column)
     for name in columns:
         if name not in header:
             raise DataError(f"{path}:1: expected a column '{name}' in the header, found {header}")
@@ -98,7 +100,7 @@ def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
                 f"{path}:{line}: row has {len(row)} tab-separated fields, the header has {len(header)}; "
                 "fix or remove the row (GLUE files are read with quoting off)"
             )
-        out["idx"].append(int(row[pos["index"]]) if split.kind == "test" else len(out["idx"]))
+        out["idx"].append(int(row[pos[id_column]]) if split.kind == "test" else len(out["idx"]))
         for hub_col, tsv_col in zip(task.text_columns, task.tsv_columns, strict=True):
             out[hub_col].append(row[pos[tsv_col]])
         out["label"].append(-1 if split.kind == "test" else _label(row[pos[columns[-1]]], task, path, line))
@@ -117,17 +119,17 @@ def _label(raw: str, task: Task, path: Path, line: int) -> int | float:
     return names.index(raw)
 
 
-def read_hub(task: Task, split: Split) -> dict[str, list]:
-    """The same columns from the Hub dataset ``nyu-mll/glue``."""
+def read_hub(task: Task, split: Split, dataset: str = "nyu-mll/glue") -> dict[str, list]:
+    """The same columns from the Hub dataset ``nyu-mll/glue`` (or a local copy of its repository)."""
     import datasets
 
     config = split.hub_config or task.name
     hub_split = "test" if split.hub_config else split.name
     try:
-        ds = datasets.load_dataset(HUB_DATASET, config, split=hub_split)
+        ds = datasets.load_dataset(dataset, config, split=hub_split)
     except Exception as e:  # network, auth, offline mode: all end here
         raise DataError(
-            f"data.glue_dir is unset, so GLUE is read from the Hub dataset {HUB_DATASET}, but {config} split "
+            f"data.glue_dir is unset, so GLUE is read from the Hub dataset {dataset}, but {config} split "
             f"{hub_split} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}). "
             + offline_advice()
         ) from None
@@ -136,7 +138,7 @@ def read_hub(task: Task, split: Split) -> dict[str, list]:
 
 def read_split(cfg: DataConfig, task: Task, split: Split) -> dict[str, list]:
     if cfg.glue_dir is None:
-        return read_hub(task, split)
+        return read_hub(task, split, cfg.hub_dataset)
     return read_tsv(Path(resolve_builtin(cfg.glue_dir)) / split.tsv, task, split)
 
 
@@ -146,7 +148,7 @@ def read_split(cfg: DataConfig, task: Task, split: Split) -> dict[str, list]:
 
 def _source_id(cfg: DataConfig, task: Task, split: Split) -> str:
     if cfg.glue_dir is None:
-        return f"hub:{HUB_DATASET}:{split.hub_config or task.name}:{split.name}"
+        return f"hub:{cfg.hub_dataset}:{split.hub_config or task.name}:{split.name}"
     path = Path(resolve_builtin(cfg.glue_dir)) / split.tsv
     st = path.stat() if path.exists() else None
     return f"tsv:{path.resolve()}:{st.st_size if st else 0}:{st.st_mtime_ns if st else 0}"
@@ -157,9 +159,19 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(root) / "tokenized"
 
 
+def _tokenizer_id(tokenizer) -> str:
+    """The tokenizer's full definition, minus the truncation/padding state that calling it changes."""
+    if not getattr(tokenizer, "is_fast", False):
+        return repr(tokenizer)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return json.dumps(spec, sort_keys=True)
+
+
 def cache_key(cfg: DataConfig, task: Task, split: Split, tokenizer) -> str:
     """Changes whenever the tokenizer, the task, the max length or the source file does."""
-    tok = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer)
+    tok = _tokenizer_id(tokenizer)
     h = hashlib.sha256()
     for part in (tok, task.name, split.name, str(cfg.max_length), _source_id(cfg, task, split), "v1"):
         h.update(part.encode())
@@ -186,7 +198,9 @@ def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_fi
             enc = tokenizer(*texts, truncation=True, max_length=cfg.max_length)
             return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"]}
 
-        ds = raw.map(encode, batched=True, remove_columns=list(task.text_columns), desc=f"tokenize {split.name}")
+        ds = raw.map(
+            encode, batched=True, remove_columns=list(task.text_columns), desc=f"tokenize {split.name}"
+        )
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         ds.save_to_disk(str(tmp))
         shutil.rmtree(path, ignore_errors=True)
@@ -254,7 +268,9 @@ def grouped_order(lengths: np.ndarray, effective: int, seed: int, epoch: int, wi
     n = len(lengths)
     order = epoch_order(n, seed, epoch)
     chunk = effective * window
-    parts = [o[np.argsort(-lengths[o], kind="stable")] for o in (order[s : s + chunk] for s in range(0, n, chunk))]
+    parts = [
+        o[np.argsort(-lengths[o], kind="stable")] for o in (order[s : s + chunk] for s in range(0, n, chunk))
+    ]
     if parts:
         order = np.concatenate(parts)
     full = n // effective
@@ -311,7 +327,10 @@ class PlanSampler:
             padded[: len(batch)] = batch
             for a in range(lay.accum):
                 lo = (a * lay.world + self.rank) * lay.per_device
-                yield [(int(i), 1.0) if i >= 0 else (int(batch[0]), 0.0) for i in padded[lo : lo + lay.per_device]]
+                yield [
+                    (int(i), 1.0) if i >= 0 else (int(batch[0]), 0.0)
+                    for i in padded[lo : lo + lay.per_device]
+                ]
 
 
 class Packed:
@@ -342,8 +361,13 @@ class Packed:
     def row(self, i: int, weight: float = 1.0) -> dict:
         a, b = self.id_offsets[i], self.id_offsets[i + 1]
         c, d = self.type_offsets[i], self.type_offsets[i + 1]
-        return {"input_ids": self.ids[a:b], "token_type_ids": self.types[c:d], "label": self.labels[i],
-                "idx": self.idx[i], "weight": weight}
+        return {
+            "input_ids": self.ids[a:b],
+            "token_type_ids": self.types[c:d],
+            "label": self.labels[i],
+            "idx": self.idx[i],
+            "weight": weight,
+        }
 
 
 def row_lengths(ds) -> np.ndarray:
@@ -368,8 +392,9 @@ class Weighted(torch.utils.data.Dataset):
         return [self[k] for k in keys]
 
 
-def make_collator(pad_id: int, regression: bool, pad_to_multiple_of: int | None = None,
-                  buckets: Sequence[int] | None = None) -> Callable:
+def make_collator(
+    pad_id: int, regression: bool, pad_to_multiple_of: int | None = None, buckets: Sequence[int] | None = None
+) -> Callable:
     """Dynamic padding: each batch is padded to its longest row (rounded up to a multiple if asked), or, with
     ``buckets`` (the fast path's few fixed lengths), to the smallest bucket that holds it."""
     sizes = sorted(buckets) if buckets else None
@@ -396,8 +421,9 @@ def make_collator(pad_id: int, regression: bool, pad_to_multiple_of: int | None 
             "input_ids": torch.from_numpy(ids),
             "token_type_ids": torch.from_numpy(types),
             "attention_mask": torch.from_numpy(mask),
-            "labels": torch.tensor(np.asarray([r["label"] for r in rows]),
-                                   dtype=torch.float if regression else torch.long),
+            "labels": torch.tensor(
+                np.asarray([r["label"] for r in rows]), dtype=torch.float if regression else torch.long
+            ),
             "weight": torch.tensor([float(r.get("weight", 1.0)) for r in rows], dtype=torch.float),
             "idx": torch.tensor(np.asarray([r["idx"] for r in rows]), dtype=torch.long),
         }
@@ -413,10 +439,10 @@ def train_loader(ds, sampler: PlanSampler, collate: Callable, num_workers: int, 
 
 def eval_loader(ds, batch_size: int, collate: Callable, num_workers: int, pin: bool):
     return torch.utils.data.DataLoader(
-        Weighted(ds), batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
-        pin_memory=pin
+        Weighted(ds),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin,
     )
-
-
-def dataset_summary(ds) -> str:
-    return json.dumps({"rows": len(ds)})

@@ -37,7 +37,8 @@ def requeue_if_slurm() -> bool:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return False
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or job
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task is requeued by its own <array>_<task> id
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode:
         log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())

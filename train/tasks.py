@@ -61,6 +61,8 @@ def _std(dir: str, submission: str) -> tuple[Split, ...]:
 _NLI3 = ("entailment", "neutral", "contradiction")
 _BIN = ("0", "1")
 
+# One task per block reads better than one argument per line.
+# fmt: off
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -117,6 +119,7 @@ TASKS: dict[str, Task] = {
         ),
     ]
 }
+# fmt: on
 
 
 def get_task(name: str) -> Task:
