@@ -163,7 +163,14 @@ def sync(device: torch.device) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # the CPU model, e.g. "AMD EPYC ... (2 cores)"
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def peak_flops(name: str) -> float | None:
