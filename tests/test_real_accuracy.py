@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import need_shared_glue, run_train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def minilm_path() -> Path:
