@@ -306,6 +306,47 @@ def test_group_by_length_is_wired_into_the_loop(tmp_path):
         GradientState._reset_state()
 
 
+def _losses_in_process(tmp_path, overrides: list[str], monkeypatch=None, cudagraph_grads: bool = False) -> list:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train import loop
+
+    if cudagraph_grads:  # the CUDA-graph gradient policy (kept, accumulated in place), exercised on CPU
+        real = fastpath.decide
+
+        def decide(*args, **kwargs):
+            d = real(*args, **kwargs)
+            d.cudagraphs = True
+            return d
+
+        monkeypatch.setattr(loop, "decide", decide)
+    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "eval.predict_test=false", "checkpoint.resume=never",
+                              "train.log_every=1", "model.dropout=0", "precision=no", "data.max_length=64",
+                              "fast.bucket_multiple=64", *overrides])
+    run = loop.setup(cfg)
+    try:
+        assert run.fast.set_to_none is not cudagraph_grads
+        run.total_steps = 6
+        _direct_steps(run)
+        loop.train_one_epoch(run)
+    finally:
+        run.acc.end_training()
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return [r["train/loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+
+
+def test_gradients_kept_for_cuda_graphs_accumulate_like_eager(tmp_path, monkeypatch):
+    """With CUDA graphs + accumulation, grads are preallocated and zeroed in place (not set to None); the
+    policy itself runs on CPU: 4 rows x accumulation 4 compiled == 16 rows eager."""
+    eager = _losses_in_process(tmp_path / "eager", [])
+    kept = _losses_in_process(tmp_path / "kept", ["fast.enabled=true", "fast.backend=aot_eager",
+                                                  "train.per_device_batch_size=4"], monkeypatch, cudagraph_grads=True)
+    assert len(eager) == len(kept) == 6
+    for a, b in zip(kept, eager, strict=True):
+        assert abs(a - b) <= LOSS_TOL * max(1.0, abs(b)), (kept, eager)
+
+
 @pytest.mark.slow
 def test_inductor_training_matches_eager(tmp_path):
     common = [c for c in COMMON if not c.startswith("fast.")] + ["fast.bucket_multiple=64"]
