@@ -57,9 +57,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from train.tracking import peak_flops  # noqa: E402
+
 log = logging.getLogger("bench")
 TINY = REPO / "train" / "assets" / "tiny-bert"
-PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100", 989.4e12), ("A100", 312e12))
 PRESETS = {  # random-init shapes; the tokenizer is the bundled one (ids < 2000 fit every vocabulary here)
     "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                   "intermediate_size": 3072, "vocab_size": 30522},
@@ -173,21 +174,11 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def peak_flops(name: str) -> float | None:
-    for key, peak in PEAK_BF16:
-        if key in name:
-            return peak
-    return None
-
-
 def flops_per_sample(model: torch.nn.Module, lengths: np.ndarray) -> float:
-    from train.fastpath import mfu_flops_per_sample
+    """The same model-FLOPs formula as the training metrics (train/tracking.py): 6 x matmul params x tokens."""
+    from train.tracking import count_matmul_params
 
-    cfg = model.config
-    embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    n = sum(p.numel() for p in model.parameters()) - embed
-    return mfu_flops_per_sample(n, cfg.num_hidden_layers, cfg.hidden_size, float(lengths.mean()),
-                                float((lengths.astype(np.float64) ** 2).mean()))
+    return 6.0 * count_matmul_params(model) * float(lengths.mean())
 
 
 def versions() -> dict:
@@ -401,7 +392,7 @@ def measure(a: argparse.Namespace, stdout) -> int:
         name = device_name(torch.device(device))
         rate = a.steps * a.batch / res["timed_s"]
         flops = flops_per_sample(model, lengths)
-        peak = peak_flops(name) if torch.device(device).type == "cuda" else None
+        peak = peak_flops(name, precision) if torch.device(device).type == "cuda" else None
         row = {
             "path": path, **common, "device": name,
             "samples_per_s": round(rate, 2), "ms_per_step": round(1e3 * res["timed_s"] / a.steps, 3),

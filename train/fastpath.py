@@ -310,16 +310,5 @@ def preallocate_grads(model: torch.nn.Module) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def mfu_flops_per_sample(n_params_nonembedding: int, n_layers: int, hidden: int, tokens: float,
-                         tokens_sq: float) -> float:
-    """Training FLOPs of one sample (forward + backward = 3x forward), PaLM appendix B style.
-
-    ``6 * N * tokens`` for the weight matmuls plus ``12 * layers * hidden * tokens^2`` for attention scores
-    and the weighted sum (QK^T and AV, 2 FLOPs per multiply-add, x3 for fwd+bwd). ``tokens_sq`` is the
-    sample's squared length (pass the mean of squares when averaging).
-    """
-    return 6.0 * n_params_nonembedding * tokens + 12.0 * n_layers * hidden * tokens_sq
-
-
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
