@@ -62,20 +62,38 @@ from train.tracking import peak_flops  # noqa: E402
 log = logging.getLogger("bench")
 TINY = REPO / "train" / "assets" / "tiny-bert"
 PRESETS = {  # random-init shapes; the tokenizer is the bundled one (ids < 2000 fit every vocabulary here)
-    "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                  "intermediate_size": 3072, "vocab_size": 30522},
-    "bert-small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                   "intermediate_size": 1024, "vocab_size": 30522},
-    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-             "vocab_size": 2000},
+    "bert-base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "vocab_size": 30522,
+    },
+    "bert-small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+        "vocab_size": 30522,
+    },
+    "tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 2000,
+    },
 }
 PATHS = ("trainer", "loop_eager", "loop_fast")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bert-base",
-                   help=f"a preset ({', '.join(PRESETS)}: random init, no download) or a local model folder")
+    p.add_argument(
+        "--model",
+        default="bert-base",
+        help=f"a preset ({', '.join(PRESETS)}: random init, no download) or a local model folder",
+    )
     p.add_argument("--lengths", default="mnli", help="fixed128 | mnli | a GLUE task folder (real train rows)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--batch", type=int, default=16, help="effective batch (one process: per-device batch)")
@@ -85,14 +103,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     p.add_argument("--trainer-padding", default="dynamic", choices=["dynamic", "max_length"])
     p.add_argument("--fast-backend", default="inductor", help="torch.compile backend of the fast path")
-    p.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config overrides for the fast path, e.g. --fast fast.bucket_multiple=16")
+    p.add_argument(
+        "--fast",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for the fast path, e.g. --fast fast.bucket_multiple=16",
+    )
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--profile", metavar="DIR",
-                   help="after timing, profile 20 more steps of each loop path with torch.profiler: a table of the "
-                        "top ops on stderr and a Chrome trace DIR/<path>.json (where the step's time goes)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after timing, profile 20 more steps of each loop path with torch.profiler: a table of the "
+        "top ops on stderr and a Chrome trace DIR/<path>.json (where the step's time goes)",
+    )
     p.add_argument("--out", help="also append the JSON lines to this file")
-    p.add_argument("--workdir", help="keep the model, data and run folders here (default: a temp dir, removed)")
+    p.add_argument(
+        "--workdir", help="keep the model, data and run folders here (default: a temp dir, removed)"
+    )
     return p.parse_args(argv)
 
 
@@ -150,8 +178,10 @@ def task_of_folder(folder: Path) -> str:
     for name, task in TASKS.items():
         if task.dir == folder.name:
             return name
-    raise SystemExit(f"--lengths {folder}: not a GLUE task folder (expected one of "
-                     f"{', '.join(t.dir for t in TASKS.values())})")
+    raise SystemExit(
+        f"--lengths {folder}: not a GLUE task folder (expected one of "
+        f"{', '.join(t.dir for t in TASKS.values())})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,8 +197,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:  # the CPU model, e.g. "AMD EPYC ... (2 cores)"
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor() or "cpu"
     return f"{model} ({os.cpu_count()} cores)"
@@ -186,13 +219,19 @@ def versions() -> dict:
     import transformers
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "git": sha}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git": sha,
+    }
 
 
 def reset_accelerate() -> None:
@@ -228,11 +267,16 @@ def run_trainer(a: argparse.Namespace, model_dir: Path, train_ds, root: Path, pr
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the files the loop loads too
     ds = train_ds.rename_column("label", "labels").remove_columns(["idx"])
     if a.trainer_padding == "max_length":
+
         def pad_row(r: dict) -> dict:
             n = len(r["input_ids"])
             pad = a.max_length - n
-            return {"input_ids": r["input_ids"] + [tokenizer.pad_token_id] * pad,
-                    "token_type_ids": r["token_type_ids"] + [0] * pad, "attention_mask": [1] * n + [0] * pad}
+            return {
+                "input_ids": r["input_ids"] + [tokenizer.pad_token_id] * pad,
+                "token_type_ids": r["token_type_ids"] + [0] * pad,
+                "attention_mask": [1] * n + [0] * pad,
+            }
+
         ds = ds.map(pad_row)
         collator = default_data_collator
     else:
@@ -251,37 +295,66 @@ def run_trainer(a: argparse.Namespace, model_dir: Path, train_ds, root: Path, pr
                 marks[state.global_step] = time.perf_counter()
 
     args = TrainingArguments(
-        output_dir=str(root / "trainer"), per_device_train_batch_size=a.batch, learning_rate=2e-5,
-        max_steps=total, bf16=precision == "bf16", fp16=precision == "fp16", save_strategy="no",
-        eval_strategy="no", report_to="none", seed=a.seed, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(root / "trainer"),
+        per_device_train_batch_size=a.batch,
+        learning_rate=2e-5,
+        max_steps=total,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=a.seed,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Clock()])
     trainer.train()
     device = args.device
-    out = {"warmup_s": marks[a.warmup] - marks[0], "timed_s": marks[total] - marks[a.warmup],
-           "device": device, "model": model}
+    out = {
+        "warmup_s": marks[a.warmup] - marks[0],
+        "timed_s": marks[total] - marks[a.warmup],
+        "device": device,
+        "model": model,
+    }
     del trainer
     return out
 
 
-def run_loop(a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, root: Path, fast: bool) -> dict:
+def run_loop(
+    a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, root: Path, fast: bool
+) -> dict:
     from train import loop
     from train.config import load_config
 
     name = "loop_fast" if fast else "loop_eager"
     overrides = [
-        f"data.task={task}", f"data.glue_dir={glue_dir}", f"model.name_or_path={model_dir}",
-        f"data.max_length={a.max_length}", f"data.cache_dir={root / 'cache'}", f"output_dir={root / name}",
-        f"train.effective_batch_size={a.batch}", "train.epochs=1", f"train.max_steps={a.warmup + a.steps}",
-        "train.lr=2e-5", "eval.every_epoch=false", "eval.predict_test=false", f"precision={a.precision}",
-        f"seed={a.seed}", "checkpoint.resume=never",
-        f"fast.enabled={'true' if fast else 'false'}", f"fast.backend={a.fast_backend}", *(a.fast if fast else []),
+        f"data.task={task}",
+        f"data.glue_dir={glue_dir}",
+        f"model.name_or_path={model_dir}",
+        f"data.max_length={a.max_length}",
+        f"data.cache_dir={root / 'cache'}",
+        f"output_dir={root / name}",
+        f"train.effective_batch_size={a.batch}",
+        "train.epochs=1",
+        f"train.max_steps={a.warmup + a.steps}",
+        "train.lr=2e-5",
+        "eval.every_epoch=false",
+        "eval.predict_test=false",
+        f"precision={a.precision}",
+        f"seed={a.seed}",
+        "checkpoint.resume=never",
+        f"fast.enabled={'true' if fast else 'false'}",
+        f"fast.backend={a.fast_backend}",
+        *(a.fast if fast else []),
     ]
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     run = loop.setup(cfg)
     compile_s = run.fast.warmup_s
-    if getattr(run, "bar", "absent") is None:  # train() opens a progress bar; we call train_one_epoch directly
+    if (
+        getattr(run, "bar", "absent") is None
+    ):  # train() opens a progress bar; we call train_one_epoch directly
         from tqdm.auto import tqdm
 
         run.bar = tqdm(disable=True)
@@ -300,9 +373,15 @@ def run_loop(a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, 
         raise RuntimeError(f"{name}: ran {run.state.global_step} steps, wanted {total} (too few rows?)")
     if a.profile:
         profile(run, name, Path(a.profile))
-    out = {"warmup_s": compile_s + (t2 - t1), "timed_s": t3 - t2, "device": device,
-           "model": run.acc.unwrap_model(run.model), "setup_s": t1 - t0 - compile_s,
-           "fast_path": run.fast.decision.describe(), **run.fast.metrics()}
+    out = {
+        "warmup_s": compile_s + (t2 - t1),
+        "timed_s": t3 - t2,
+        "device": device,
+        "model": run.acc.unwrap_model(run.model),
+        "setup_s": t1 - t0 - compile_s,
+        "fast_path": run.fast.decision.describe(),
+        **run.fast.metrics(),
+    }
     run.acc.end_training()
     del run
     return out
@@ -325,8 +404,10 @@ def profile(run, name: str, folder: Path, steps: int = 20) -> None:
         loop.train_one_epoch(run)
         sync(run.acc.device)
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(f"--- profile of {steps} steps: {name} ---\n" + prof.key_averages().table(sort_by=key, row_limit=25),
-          file=sys.stderr)
+    print(
+        f"--- profile of {steps} steps: {name} ---\n" + prof.key_averages().table(sort_by=key, row_limit=25),
+        file=sys.stderr,
+    )
     prof.export_chrome_trace(str(folder / f"{name}.json"))
 
 
@@ -366,8 +447,16 @@ def measure(a: argparse.Namespace, stdout) -> int:
     model_dir = make_model_dir(a.model, root, task.num_labels or 1, a.seed)
 
     # tokenize once (the project's cache); both the Trainer and the loop read these rows
-    cfg = load_config(None, [f"data.task={task_name}", f"data.glue_dir={glue_dir}", f"model.name_or_path={model_dir}",
-                             f"data.max_length={a.max_length}", f"data.cache_dir={root / 'cache'}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.task={task_name}",
+            f"data.glue_dir={glue_dir}",
+            f"model.name_or_path={model_dir}",
+            f"data.max_length={a.max_length}",
+            f"data.cache_dir={root / 'cache'}",
+        ],
+    )
     train_ds = data.tokenize_split(cfg.data, task, task.split("train")[0], load_tokenizer(cfg))
     if len(train_ds) < rows:
         raise SystemExit(f"{a.lengths}: {len(train_ds)} training rows, the run needs {rows}; lower --steps")
@@ -377,9 +466,17 @@ def measure(a: argparse.Namespace, stdout) -> int:
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
 
-    common = {"model": a.model, "lengths": a.lengths, "batch": a.batch, "steps": a.steps, "warmup_steps": a.warmup,
-              "precision": precision, "mean_real_length": round(float(lengths.mean()), 2),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "versions": versions()}
+    common = {
+        "model": a.model,
+        "lengths": a.lengths,
+        "batch": a.batch,
+        "steps": a.steps,
+        "warmup_steps": a.warmup,
+        "precision": precision,
+        "mean_real_length": round(float(lengths.mean()), 2),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "versions": versions(),
+    }
     trainer_rate = None
     for path in paths:
         reset_accelerate()
@@ -394,12 +491,17 @@ def measure(a: argparse.Namespace, stdout) -> int:
         flops = flops_per_sample(model, lengths)
         peak = peak_flops(name, precision) if torch.device(device).type == "cuda" else None
         row = {
-            "path": path, **common, "device": name,
-            "samples_per_s": round(rate, 2), "ms_per_step": round(1e3 * res["timed_s"] / a.steps, 3),
+            "path": path,
+            **common,
+            "device": name,
+            "samples_per_s": round(rate, 2),
+            "ms_per_step": round(1e3 * res["timed_s"] / a.steps, 3),
             "real_tokens_per_s": round(rate * float(lengths.mean()), 1),
-            "mfu": round(flops * rate / peak, 4) if peak else None, "peak_flops": peak,
+            "mfu": round(flops * rate / peak, 4) if peak else None,
+            "peak_flops": peak,
             "model_flops_per_sample": round(flops),
-            "warmup_s": round(res.pop("warmup_s"), 2), "timed_s": round(res.pop("timed_s"), 3),
+            "warmup_s": round(res.pop("warmup_s"), 2),
+            "timed_s": round(res.pop("timed_s"), 3),
             **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()},
         }
         if path == "trainer":

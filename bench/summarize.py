@@ -6,8 +6,21 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("device", "date", "model", "lengths", "precision", "path", "samples_per_s", "ms_per_step",
-           "real_tokens_per_s", "mfu", "warmup_s", "ratio_to_trainer", "versions")
+COLUMNS = (
+    "device",
+    "date",
+    "model",
+    "lengths",
+    "precision",
+    "path",
+    "samples_per_s",
+    "ms_per_step",
+    "real_tokens_per_s",
+    "mfu",
+    "warmup_s",
+    "ratio_to_trainer",
+    "versions",
+)
 
 
 def cell(row: dict, key: str) -> str:

@@ -77,7 +77,9 @@ def test_keep_last_prunes_checkpoints_never_best(acc_model, tmp_path) -> None:
             from safetensors.torch import save_file
 
             Path(path).mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(Path(path) / "model.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in state_dict.items()}, str(Path(path) / "model.safetensors")
+            )
 
     exp = Exportable()
     exp.lin = acc.unwrap_model(model)
@@ -86,7 +88,9 @@ def test_keep_last_prunes_checkpoints_never_best(acc_model, tmp_path) -> None:
         checkpoint.save(acc, tmp_path, step, _state(step), keep_last=2)
     names = sorted(p.name for p in checkpoint.root(tmp_path).iterdir())
     assert names == ["step-00000004", "step-00000005"]
-    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "best" / "tokenizer.json").is_file()
+    assert (tmp_path / "best" / "model.safetensors").is_file() and (
+        tmp_path / "best" / "tokenizer.json"
+    ).is_file()
 
 
 def test_same_step_saved_twice_and_everything_fsynced(acc_model, tmp_path, monkeypatch) -> None:
@@ -115,8 +119,15 @@ def test_same_step_saved_twice_and_everything_fsynced(acc_model, tmp_path, monke
 # ----------------------------------------------------------------------------------------------------------
 # disk full, for real: a 3 MiB tmpfs (2 checkpoints of tiny-bert fit, a third does not)
 
-DISK_ARGS = ["precision=no", "model.dropout=0", "eval.predict_test=false", "train.max_steps=4",
-             "checkpoint.every_steps=1", "checkpoint.keep_last=2", "train.log_every=1"]
+DISK_ARGS = [
+    "precision=no",
+    "model.dropout=0",
+    "eval.predict_test=false",
+    "train.max_steps=4",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=2",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture
@@ -163,7 +174,9 @@ def test_file_size_limit_during_save(tmp_path: Path) -> None:
 
     cmd = [sys.executable, "-m", "train", "--config", str(SMOKE), f"output_dir={out}", *DISK_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -176,8 +189,16 @@ def test_file_size_limit_during_save(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # kill -9 fuzz
 
-FUZZ_ARGS = ["precision=no", "model.dropout=0", "data.max_train_samples=320", "train.epochs=2",
-             "checkpoint.every_steps=1", "checkpoint.keep_last=2", "eval.predict_test=false", "train.log_every=1"]
+FUZZ_ARGS = [
+    "precision=no",
+    "model.dropout=0",
+    "data.max_train_samples=320",
+    "train.epochs=2",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=2",
+    "eval.predict_test=false",
+    "train.log_every=1",
+]
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 
 
@@ -226,13 +247,17 @@ def test_kill9_fuzz_resumes_to_identical_weights(tmp_path: Path) -> None:
                 started = time.time_ns()
 
                 def saving(last=last, started=started) -> bool:  # made by this process, not a stale one
-                    return any(checkpoint._step(p) > last and _ctime(p) > started
-                               for p in checkpoint.root(out).glob(".tmp-step-*"))
+                    return any(
+                        checkpoint._step(p) > last and _ctime(p) > started
+                        for p in checkpoint.root(out).glob(".tmp-step-*")
+                    )
 
                 alive = _wait(saving, proc)
                 time.sleep(rng.uniform(0.0, 0.005))  # a save takes tens of ms: this lands inside it
             elif mode == "step":  # anywhere after at least one new checkpoint
-                alive = _wait(lambda last=last: any(checkpoint._step(p) > last for p in _complete_steps(out)), proc)
+                alive = _wait(
+                    lambda last=last: any(checkpoint._step(p) > last for p in _complete_steps(out)), proc
+                )
                 time.sleep(rng.uniform(0.0, 0.5))
             else:  # during start-up, resume or the first steps
                 deadline = time.monotonic() + rng.uniform(1.0, 6.0)

@@ -118,7 +118,8 @@ def make_hub_copy(root: Path, glue: Path, tasks=("rte", "mrpc", "sst2"), rows: i
             lines = (glue / t.dir / fname).read_text(encoding="utf-8-sig").split("\n")
             header, body = lines[0].split("\t"), [ln.split("\t") for ln in lines[1 : rows + 1]]
             cols = {
-                hub: [r[header.index(tsv)] for r in body] for hub, tsv in zip(t.text_columns, t.tsv_columns, strict=True)
+                hub: [r[header.index(tsv)] for r in body]
+                for hub, tsv in zip(t.text_columns, t.tsv_columns, strict=True)
             }
             if split == "test":
                 labels = [-1] * len(body)
@@ -220,10 +221,20 @@ def test_impossible_batch_split_is_a_clear_error(effective, per_device, world, m
 def test_mnli_layout_three_dev_and_test_files():
     task = TASKS["mnli"]
     n = {s.name: len(read_tsv(FIXTURES / s.tsv, task, s)["idx"]) for s in task.splits}
-    assert n == {"train": 96, "validation_matched": 20, "validation_mismatched": 18, "test_matched": 12,
-                 "test_mismatched": 11, "test_ax": 15}
+    assert n == {
+        "train": 96,
+        "validation_matched": 20,
+        "validation_mismatched": 18,
+        "test_matched": 12,
+        "test_mismatched": 11,
+        "test_ax": 15,
+    }
     dev = read_tsv(FIXTURES / "MNLI/dev_matched.tsv", task, split_of("mnli", "validation_matched"))
-    assert dev["label"][:3] == [0, 1, 2]  # gold_label, not label1..5; Hub ids entailment/neutral/contradiction
+    assert dev["label"][:3] == [
+        0,
+        1,
+        2,
+    ]  # gold_label, not label1..5; Hub ids entailment/neutral/contradiction
     ax = read_tsv(FIXTURES / "diagnostic/diagnostic.tsv", task, split_of("mnli", "test_ax"))
     assert ax["premise"][0] == "The cat sat on the mat." and ax["idx"][-1] == 14
 

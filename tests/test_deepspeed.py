@@ -30,8 +30,15 @@ from train.tracking import read_metrics
 
 ACCEL = REPO / "configs" / "accelerate"
 DSDIR = REPO / "configs" / "deepspeed"
-COMMON = ["model.dropout=0", "precision=no", "train.per_device_batch_size=4", "train.log_every=1",
-          "data.max_train_samples=128", "train.epochs=2", "eval.predict_test=false"]
+COMMON = [
+    "model.dropout=0",
+    "precision=no",
+    "train.per_device_batch_size=4",
+    "train.log_every=1",
+    "data.max_train_samples=128",
+    "train.epochs=2",
+    "eval.predict_test=false",
+]
 STEPS = 16
 RTOL = 1e-5
 # bf16 ZeRO-2 vs fp32 ZeRO-2, per-step train loss (measured on CPU: <= 4e-4 relative over the 16 steps)
@@ -50,28 +57,55 @@ RESUME_RUN = "zero3.yaml"  # test_zero3_resume_after_sigterm
 CONFLICT_BASE = "zero2.json"  # test_conflicting_micro_batch_is_rejected
 STAGE = {"zero1.yaml": 1, "zero2.yaml": 2, "zero3.yaml": 3, "zero3_offload.yaml": 3}
 # Values the run config decides: every DeepSpeed JSON must leave them to it.
-AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "fp16.enabled", "bf16.enabled", "data_types.grad_accum_dtype",
-             "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay")
+AUTO_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "fp16.enabled",
+    "bf16.enabled",
+    "data_types.grad_accum_dtype",
+    "optimizer.params.lr",
+    "optimizer.params.betas",
+    "optimizer.params.eps",
+    "optimizer.params.weight_decay",
+)
 
 
 def launch_cmd(accel_yaml: Path, nproc: int, out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel_yaml),
-            "--num_processes", str(nproc), "--main_process_port", str(free_port()),
-            "-m", "train", "--config", str(SMOKE), f"output_dir={out}", *COMMON, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accel_yaml),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        *COMMON,
+        *extra,
+    ]
 
 
 def launch_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def launch(accel_yaml: Path, nproc: int, out: Path, extra: list[str], check: bool = True,
-           timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(
+    accel_yaml: Path, nproc: int, out: Path, extra: list[str], check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     cmd = launch_cmd(accel_yaml, nproc, out, extra)
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -133,11 +167,24 @@ def assert_deepspeed_stage(run: Path, log: str, stage: int) -> dict:
     assert f"DeepSpeed ZeRO-{stage}: micro batch 4 x accumulation 2 x 2 processes = 16" in log
     ds = info["deepspeed"]
     assert ds["zero_stage"] == stage and ds["optimizer"] == "AdamW"
-    assert {k: ds["config"][k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                                         "train_batch_size", "gradient_clipping")} == {
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
-        "gradient_clipping": 1.0}
-    assert ds["config"]["bf16.enabled"] == (info["precision"] == "bf16") and ds["config"]["fp16.enabled"] is False
+    assert {
+        k: ds["config"][k]
+        for k in (
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "train_batch_size",
+            "gradient_clipping",
+        )
+    } == {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "gradient_clipping": 1.0,
+    }
+    assert (
+        ds["config"]["bf16.enabled"] == (info["precision"] == "bf16")
+        and ds["config"]["fp16.enabled"] is False
+    )
     return ds
 
 
@@ -168,7 +215,11 @@ def test_single_process_matches_ddp(runs):
     """configs/accelerate/single.yaml: 1 process x 4 per device x accumulation 4, the same training."""
     run, _ = runs["single"]
     info = json.loads((run / "run_info.json").read_text())
-    assert (info["world_size"], info["grad_accum_steps"], info["distributed_type"]) == (1, 4, "DistributedType.NO")
+    assert (info["world_size"], info["grad_accum_steps"], info["distributed_type"]) == (
+        1,
+        4,
+        "DistributedType.NO",
+    )
     assert_same_training(run, runs["ddp"][0], "single")
 
 
@@ -181,7 +232,9 @@ def test_bf16_zero2_tracks_fp32(runs):
     assert ds["config"]["bf16.enabled"] is True and ds["config"]["data_types.grad_accum_dtype"] == "fp32"
     rows, ref_rows = train_rows(run), train_rows(ref)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    diffs = [abs(a["train/loss"] - b["train/loss"]) / b["train/loss"] for a, b in zip(rows, ref_rows, strict=True)]
+    diffs = [
+        abs(a["train/loss"] - b["train/loss"]) / b["train/loss"] for a, b in zip(rows, ref_rows, strict=True)
+    ]
     assert max(diffs) <= BF16_LOSS_RTOL, diffs
     assert max(diffs) > 0, "bf16 gave bit-identical losses: it did not train in bf16"
     weights = load_weights(run)
@@ -194,8 +247,11 @@ def test_bf16_zero2_tracks_fp32(runs):
 def worker_pids(launcher: subprocess.Popen) -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.Process(launcher.pid).children(recursive=False)
-            if "train" in p.cmdline() and "-m" in p.cmdline()]
+    return [
+        p.pid
+        for p in psutil.Process(launcher.pid).children(recursive=False)
+        if "train" in p.cmdline() and "-m" in p.cmdline()
+    ]
 
 
 @pytest.mark.slow
@@ -205,12 +261,15 @@ def test_zero3_resume_after_sigterm(runs, tmp_path):
     out = tmp_path / "zero3-resumed"
     extra = ["checkpoint.every_steps=5"]
     cmd = launch_cmd(ACCEL / RESUME_RUN, 2, out, extra)
-    first = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + 600
         while not (out / "metrics.jsonl").exists() or not train_rows(out):
-            assert first.poll() is None, f"the run ended before it was signalled:\n{first.stdout.read()[-4000:]}"
+            assert first.poll() is None, (
+                f"the run ended before it was signalled:\n{first.stdout.read()[-4000:]}"
+            )
             assert time.time() < deadline
             time.sleep(0.05)
         pids = worker_pids(first)
@@ -230,10 +289,14 @@ def test_zero3_resume_after_sigterm(runs, tmp_path):
     assert max(r["step"] for r in train_rows(out)) == stopped
 
     second = launch(ACCEL / RESUME_RUN, 2, out, extra)
-    assert f"at step {stopped}" in second.stdout + second.stderr and "resumed from" in second.stdout + second.stderr
+    assert (
+        f"at step {stopped}" in second.stdout + second.stderr
+        and "resumed from" in second.stdout + second.stderr
+    )
     assert_same_training(out, runs["zero3"][0], "zero3 resumed")
     assert [r["train/loss"] for r in train_rows(out)] == pytest.approx(
-        [r["train/loss"] for r in train_rows(runs["zero3"][0])], rel=1e-6)
+        [r["train/loss"] for r in train_rows(runs["zero3"][0])], rel=1e-6
+    )
 
 
 FRESH_EVAL = textwrap.dedent("""
@@ -269,8 +332,14 @@ def test_zero3_export_loads_without_deepspeed(runs):
     """final/ of a ZeRO-3 run (gathered from the shards) is a plain HF folder: from_pretrained in a fresh
     process without DeepSpeed gives the run's dev metrics."""
     run, _ = runs["zero3"]
-    proc = subprocess.run([sys.executable, "-c", FRESH_EVAL, str(run / "final")], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_EVAL, str(run / "final")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = json.loads((run / "eval_results.json").read_text())["final"]
@@ -316,8 +385,9 @@ def test_every_config_file_parses_and_is_used_by_a_test():
 
     accel_files = sorted(p.name for p in ACCEL.glob("*.yaml"))
     ds_files = sorted(p.name for p in DSDIR.glob("*.json"))
-    assert accel_files == sorted(["single.yaml", "ddp.yaml", "zero1.yaml", "zero2.yaml", "zero3.yaml",
-                                  "zero3_offload.yaml"])
+    assert accel_files == sorted(
+        ["single.yaml", "ddp.yaml", "zero1.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml"]
+    )
     used_accel = {accel for accel, _, _ in RUNS.values()} | {RESUME_RUN}
     assert used_accel == set(accel_files), set(accel_files) - used_accel
     referenced = set()
@@ -334,8 +404,12 @@ def test_every_config_file_parses_and_is_used_by_a_test():
         else:
             assert ds_file is None
     assert referenced | {CONFLICT_BASE} == set(ds_files)
-    assert json.loads((DSDIR / "zero3_offload.json").read_text())["zero_optimization"]["offload_optimizer"][
-        "device"] == "cpu"
+    assert (
+        json.loads((DSDIR / "zero3_offload.json").read_text())["zero_optimization"]["offload_optimizer"][
+            "device"
+        ]
+        == "cpu"
+    )
     for name in ds_files:
         ds = json.loads((DSDIR / name).read_text())
         for key in AUTO_KEYS:
@@ -355,16 +429,21 @@ def test_fill_from_run_config():
     cfg = _cfg("train.max_grad_norm=0.5", "precision=no")
     raw = _zero2()
     live = backend.check_and_fill(json.loads(json.dumps(raw)), raw, cfg, 4, 2, 2, "zero2.json")
-    assert (live["train_micro_batch_size_per_gpu"], live["gradient_accumulation_steps"],
-            live["train_batch_size"], live["gradient_clipping"]) == (4, 2, 16, 0.5)
+    assert (
+        live["train_micro_batch_size_per_gpu"],
+        live["gradient_accumulation_steps"],
+        live["train_batch_size"],
+        live["gradient_clipping"],
+    ) == (4, 2, 16, 0.5)
     assert live["fp16"]["enabled"] is False and live["bf16"]["enabled"] is False
     assert "grad_accum_dtype" not in live["data_types"]  # fp32 training: DeepSpeed's default
     assert "optimizer" not in live  # built from the run config in code
     assert live["zero_allow_untested_optimizer"] is True and live["zero_force_ds_cpu_optimizer"] is False
     assert not [k for k, v in backend._walk(live) if v == "auto" and "bucket" not in k]
 
-    bf16 = backend.check_and_fill(_zero2(), _zero2(), _cfg("precision=bf16", "train.max_grad_norm=null"),
-                                  8, 1, 2, "zero2.json")
+    bf16 = backend.check_and_fill(
+        _zero2(), _zero2(), _cfg("precision=bf16", "train.max_grad_norm=null"), 8, 1, 2, "zero2.json"
+    )
     assert bf16["bf16"]["enabled"] is True and bf16["data_types"]["grad_accum_dtype"] == "fp32"
     assert bf16["gradient_clipping"] == 0.0 and bf16["train_batch_size"] == 16
 
@@ -376,17 +455,33 @@ def test_fill_from_run_config():
 
 def test_hard_coded_values_must_agree():
     cfg = _cfg("train.lr=3e-5")
-    raw = {**_zero2(), "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-           "train_batch_size": 16, "gradient_clipping": 1.0, "bf16": {"enabled": False}}
-    raw["optimizer"] = {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                    "weight_decay": 0.0}}
+    raw = {
+        **_zero2(),
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": False},
+    }
+    raw["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": 3e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    }
     backend.check_and_fill(json.loads(json.dumps(raw)), raw, cfg, 4, 2, 2, "mine.json")  # all agree
 
     cases = {
-        "train_micro_batch_size_per_gpu": (8, ["train_micro_batch_size_per_gpu=8", "=4",
-                                              "train.per_device_batch_size"]),
-        "gradient_accumulation_steps": (4, ["gradient_accumulation_steps=4", "gradient_accumulation_steps=2"]),
-        "train_batch_size": (32, ["train_batch_size=32", "train_batch_size=16", "train.effective_batch_size"]),
+        "train_micro_batch_size_per_gpu": (
+            8,
+            ["train_micro_batch_size_per_gpu=8", "=4", "train.per_device_batch_size"],
+        ),
+        "gradient_accumulation_steps": (
+            4,
+            ["gradient_accumulation_steps=4", "gradient_accumulation_steps=2"],
+        ),
+        "train_batch_size": (
+            32,
+            ["train_batch_size=32", "train_batch_size=16", "train.effective_batch_size"],
+        ),
         "gradient_clipping": (0.5, ["gradient_clipping=0.5", "gradient_clipping=1.0", "train.max_grad_norm"]),
         "bf16.enabled": (True, ["bf16.enabled=true", "bf16.enabled=false", "precision=no"]),
         "optimizer.params.lr": (1e-3, ["optimizer.params.lr=0.001", "optimizer.params.lr=3e-05", "train.lr"]),
@@ -428,7 +523,9 @@ def test_fused_adam_switch(monkeypatch):
     with pytest.raises(ConfigError, match="needs a DeepSpeed launch"):
         backend.make_optimizer(_cfg("deepspeed.fused_adam=true"), [{"params": params}])
     raw = _zero2()
-    live = backend.check_and_fill(json.loads(json.dumps(raw)), raw, _cfg("deepspeed.fused_adam=true"), 4, 2, 2, "x")
+    live = backend.check_and_fill(
+        json.loads(json.dumps(raw)), raw, _cfg("deepspeed.fused_adam=true"), 4, 2, 2, "x"
+    )
     assert live["zero_force_ds_cpu_optimizer"] is True
 
 

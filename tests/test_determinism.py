@@ -29,8 +29,9 @@ def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
 LAYOUTS = [(16, None, 1), (16, 4, 1), (16, None, 2), (16, 2, 2), (16, 4, 4), (16, 1, 8), (12, 2, 3)]
 
 
-def _step_batches(n: int, effective: int, per_device: int | None, world: int, seed: int, epoch: int,
-                  start: int = 0) -> list[list[int]]:
+def _step_batches(
+    n: int, effective: int, per_device: int | None, world: int, seed: int, epoch: int, start: int = 0
+) -> list[list[int]]:
     """The real (weight 1) samples of each optimizer step, over every rank and micro-batch."""
     lay = Layout.derive(effective, per_device, world)
     per_rank = []
@@ -43,13 +44,21 @@ def _step_batches(n: int, effective: int, per_device: int | None, world: int, se
         per_rank.append(micro)
     steps = []
     for k in range(len(per_rank[0]) // lay.accum):
-        got = [i for rank in per_rank for m in rank[k * lay.accum : (k + 1) * lay.accum] for i, w in m if w == 1.0]
+        got = [
+            i
+            for rank in per_rank
+            for m in rank[k * lay.accum : (k + 1) * lay.accum]
+            for i, w in m
+            if w == 1.0
+        ]
         steps.append(sorted(got))
     return steps
 
 
 @pytest.mark.parametrize(("effective", "per_device", "world"), LAYOUTS)
-def test_plan_sampler_same_global_batches_on_any_world(effective: int, per_device: int | None, world: int) -> None:
+def test_plan_sampler_same_global_batches_on_any_world(
+    effective: int, per_device: int | None, world: int
+) -> None:
     n = 150  # 9 full batches of 16 and a short one of 6
     for epoch in (0, 3):
         order = epoch_order(n, 42, epoch)
@@ -64,8 +73,13 @@ def test_plan_sampler_same_global_batches_on_any_world(effective: int, per_devic
 # ----------------------------------------------------------------------------------------------------------
 # whole runs (dropout on: the RNG streams must be reproducible too)
 
-RUN = ["precision=no", "data.max_train_samples=96", "train.epochs=2", "eval.predict_test=false",
-       "train.log_every=2"]
+RUN = [
+    "precision=no",
+    "data.max_train_samples=96",
+    "train.epochs=2",
+    "eval.predict_test=false",
+    "train.log_every=2",
+]
 SECRETS = {
     "WANDB_API_KEY": "wandb-secret-0c7f2a9e41d8b3a6e5f1c2d3b4a5968778695a4b",
     "HF_TOKEN": "hf_secretTokenXq7ZpL2mN9vB4cR8tY1uK3oI6",

@@ -32,7 +32,9 @@ class Case:
     expect: list[str]  # substrings the error message must contain
     env: dict[str, str] = field(default_factory=dict)
     config: Path = SMOKE
-    inproc: bool = False  # fails while reading the config: run ``train.cli.main`` in this process (no import cost)
+    inproc: bool = (
+        False  # fails while reading the config: run ``train.cli.main`` in this process (no import cost)
+    )
     result: subprocess.CompletedProcess | None = None
     out: Path | None = None
 
@@ -64,7 +66,9 @@ def _head3_model(dest: Path) -> Path:
 
 def _cases(root: Path) -> dict[str, Case]:
     no_dev = _glue_copy(root, "glue-no-dev", lambda d: (d / "dev.tsv").unlink())
-    bad_cols = _glue_copy(root, "glue-bad-cols", lambda d: _set_line(d / "train.tsv", 7, "a sentence\t1\textra"))
+    bad_cols = _glue_copy(
+        root, "glue-bad-cols", lambda d: _set_line(d / "train.tsv", 7, "a sentence\t1\textra")
+    )
     bad_label = _glue_copy(root, "glue-bad-label", lambda d: _set_line(d / "train.tsv", 9, "a sentence\t2"))
     head3 = _head3_model(root / "head3")
     partial = root / "partial-ckpt"  # a save killed before its COMPLETE marker
@@ -80,39 +84,66 @@ def _cases(root: Path) -> dict[str, Case]:
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return {
         "01_unknown_task": Case(["data.task=sst3"], ["data.task", "sst3", "sst2"], inproc=True),
-        "02_unknown_key_cli": Case(["train.lrr=1e-3"], ["command line", "train.lrr", "did you mean 'train.lr'"],
-                                   inproc=True),
-        "02_unknown_key_yaml": Case([], [str(bad_yaml), "train.warmup_steps", "--help"], config=bad_yaml,
-                                    inproc=True),
+        "02_unknown_key_cli": Case(
+            ["train.lrr=1e-3"], ["command line", "train.lrr", "did you mean 'train.lr'"], inproc=True
+        ),
+        "02_unknown_key_yaml": Case(
+            [], [str(bad_yaml), "train.warmup_steps", "--help"], config=bad_yaml, inproc=True
+        ),
         "02_wrong_type": Case(["train.epochs=two"], ["train.epochs", "must be int", "'two'"], inproc=True),
-        "03_not_divisible": Case(["train.per_device_batch_size=5"],
-                                 ["train.effective_batch_size=16", "train.per_device_batch_size=5", "divides"]),
-        "04_per_device_too_big": Case(["train.per_device_batch_size=32"],
-                                      ["train.per_device_batch_size=32", "larger than", "effective_batch_size=16"],
-                                      inproc=True),
-        "05_missing_split": Case([f"data.glue_dir={no_dev}"],
-                                 [str(no_dev / "SST-2" / "dev.tsv"), "split validation", "data.glue_dir"]),
-        "06_wrong_columns": Case([f"data.glue_dir={bad_cols}"],
-                                 [f"{bad_cols / 'SST-2' / 'train.tsv'}:7:", "3 tab-separated fields", "header has 2"]),
-        "07_bad_label": Case([f"data.glue_dir={bad_label}"],
-                             [f"{bad_label / 'SST-2' / 'train.tsv'}:9:", "label '2'", "['0', '1']"]),
-        "08_head_size": Case([f"model.name_or_path={head3}"],
-                             ["model.name_or_path", str(head3), "2 outputs", "model.ignore_mismatched_sizes=true"]),
-        "09_other_config": Case(["seed=7"], ["holds a run with a different config", "seed", "overwrite=true"]),
+        "03_not_divisible": Case(
+            ["train.per_device_batch_size=5"],
+            ["train.effective_batch_size=16", "train.per_device_batch_size=5", "divides"],
+        ),
+        "04_per_device_too_big": Case(
+            ["train.per_device_batch_size=32"],
+            ["train.per_device_batch_size=32", "larger than", "effective_batch_size=16"],
+            inproc=True,
+        ),
+        "05_missing_split": Case(
+            [f"data.glue_dir={no_dev}"],
+            [str(no_dev / "SST-2" / "dev.tsv"), "split validation", "data.glue_dir"],
+        ),
+        "06_wrong_columns": Case(
+            [f"data.glue_dir={bad_cols}"],
+            [f"{bad_cols / 'SST-2' / 'train.tsv'}:7:", "3 tab-separated fields", "header has 2"],
+        ),
+        "07_bad_label": Case(
+            [f"data.glue_dir={bad_label}"],
+            [f"{bad_label / 'SST-2' / 'train.tsv'}:9:", "label '2'", "['0', '1']"],
+        ),
+        "08_head_size": Case(
+            [f"model.name_or_path={head3}"],
+            ["model.name_or_path", str(head3), "2 outputs", "model.ignore_mismatched_sizes=true"],
+        ),
+        "09_other_config": Case(
+            ["seed=7"], ["holds a run with a different config", "seed", "overwrite=true"]
+        ),
         "09_damaged_config": Case([], ["config.yaml is empty or damaged", "overwrite=true"]),
-        "10_fp16_on_cpu": Case(["precision=fp16"], ["precision=fp16", "CUDA", "precision=bf16 or precision=no"]),
-        "11_hub_model_offline": Case(["model.name_or_path=bert-base-uncased", "data.glue_dir=null"],
-                                     ["model.name_or_path", "bert-base-uncased", "HF_HUB_OFFLINE", "data.glue_dir",
-                                      "/path/to/model"], env=offline),
-        "11_hub_data_offline": Case(["data.glue_dir=null"],
-                                    ["nyu-mll/glue", "HF_HUB_OFFLINE", "data.glue_dir", "model.name_or_path=/path"],
-                                    env=offline),
-        "12_partial_checkpoint": Case([f"checkpoint.resume={partial}"],
-                                      [f"checkpoint.resume={partial}", "not a complete checkpoint", "resume=auto"]),
-        "12_corrupt_checkpoint": Case([f"checkpoint.resume={corrupt}"],
-                                      [f"checkpoint {corrupt}", "corrupt", "checkpoint.resume=never"]),
-        "14_max_length": Case(["data.max_length=4096"],
-                              ["data.max_length=4096", "max_position_embeddings=512", "data.max_length <= 512"]),
+        "10_fp16_on_cpu": Case(
+            ["precision=fp16"], ["precision=fp16", "CUDA", "precision=bf16 or precision=no"]
+        ),
+        "11_hub_model_offline": Case(
+            ["model.name_or_path=bert-base-uncased", "data.glue_dir=null"],
+            ["model.name_or_path", "bert-base-uncased", "HF_HUB_OFFLINE", "data.glue_dir", "/path/to/model"],
+            env=offline,
+        ),
+        "11_hub_data_offline": Case(
+            ["data.glue_dir=null"],
+            ["nyu-mll/glue", "HF_HUB_OFFLINE", "data.glue_dir", "model.name_or_path=/path"],
+            env=offline,
+        ),
+        "12_partial_checkpoint": Case(
+            [f"checkpoint.resume={partial}"],
+            [f"checkpoint.resume={partial}", "not a complete checkpoint", "resume=auto"],
+        ),
+        "12_corrupt_checkpoint": Case(
+            [f"checkpoint.resume={corrupt}"], [f"checkpoint {corrupt}", "corrupt", "checkpoint.resume=never"]
+        ),
+        "14_max_length": Case(
+            ["data.max_length=4096"],
+            ["data.max_length=4096", "max_position_embeddings=512", "data.max_length <= 512"],
+        ),
     }
 
 
@@ -139,8 +170,22 @@ def cases(tmp_path_factory) -> dict[str, Case]:
     # 09: the folder already holds a run of the smoke config (seed 42); the case asks for seed 7 there.
     other = cases["09_other_config"].out
     other.mkdir(parents=True)
-    shown = subprocess.run([sys.executable, "-m", "train", "--config", str(SMOKE), "--print-config",
-                            f"output_dir={other}", *FAST], cwd=REPO, capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            str(SMOKE),
+            "--print-config",
+            f"output_dir={other}",
+            *FAST,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (other / "config.yaml").write_text(shown.stdout)
     for case in cases.values():
         if case.inproc:
@@ -159,18 +204,38 @@ def _left_as_complete(out: Path) -> list[str]:
     """Anything in a run folder that claims a finished run, model or checkpoint."""
     if not out.exists():
         return []
-    found = [p.name for p in (out / "eval_results.json", out / "final", out / "best", out / "predictions")
-             if p.exists()]
+    found = [
+        p.name
+        for p in (out / "eval_results.json", out / "final", out / "best", out / "predictions")
+        if p.exists()
+    ]
     found += [str(p) for p in out.glob("checkpoints/step-*")]
     return found
 
 
-@pytest.mark.parametrize("name", [
-    "01_unknown_task", "02_unknown_key_cli", "02_unknown_key_yaml", "02_wrong_type", "03_not_divisible",
-    "04_per_device_too_big", "05_missing_split", "06_wrong_columns", "07_bad_label", "08_head_size",
-    "09_other_config", "09_damaged_config", "10_fp16_on_cpu", "11_hub_model_offline", "11_hub_data_offline",
-    "12_partial_checkpoint", "12_corrupt_checkpoint", "14_max_length",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "01_unknown_task",
+        "02_unknown_key_cli",
+        "02_unknown_key_yaml",
+        "02_wrong_type",
+        "03_not_divisible",
+        "04_per_device_too_big",
+        "05_missing_split",
+        "06_wrong_columns",
+        "07_bad_label",
+        "08_head_size",
+        "09_other_config",
+        "09_damaged_config",
+        "10_fp16_on_cpu",
+        "11_hub_model_offline",
+        "11_hub_data_offline",
+        "12_partial_checkpoint",
+        "12_corrupt_checkpoint",
+        "14_max_length",
+    ],
+)
 def test_bad_input_gives_one_clear_error(cases: dict[str, Case], name: str) -> None:
     if name == "10_fp16_on_cpu" and torch.cuda.is_available():
         pytest.skip("fp16 is valid on this machine (it has a GPU)")
@@ -199,4 +264,6 @@ def test_deepspeed_contradiction_is_tested() -> None:
     if not path.exists():
         pytest.skip("tests/test_deepspeed.py not there yet (owned by the DeepSpeed part)")
     text = path.read_text().lower()
-    assert "contradict" in text or "conflict" in text or "mismatch" in text, "no test for a contradicting JSON"
+    assert "contradict" in text or "conflict" in text or "mismatch" in text, (
+        "no test for a contradicting JSON"
+    )

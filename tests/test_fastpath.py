@@ -37,12 +37,27 @@ def test_bucket_lengths():
     assert fastpath.bucket_lengths(128, 32) == (32, 64, 96, 128)
     assert fastpath.bucket_lengths(100, 32) == (32, 64, 96, 100)  # max_length always closes the set
     assert fastpath.bucket_lengths(128, 32, [16, 64, 512]) == (16, 64, 128)
-    assert [fastpath.bucket_for(n, (32, 64, 128)) for n in (1, 32, 33, 64, 65, 128)] == [32, 32, 64, 64, 128, 128]
+    assert [fastpath.bucket_for(n, (32, 64, 128)) for n in (1, 32, 33, 64, 65, 128)] == [
+        32,
+        32,
+        64,
+        64,
+        128,
+        128,
+    ]
 
 
 def _rows(lengths: list[int]) -> list[dict]:
-    return [{"input_ids": np.arange(1, n + 1), "token_type_ids": np.zeros(n, dtype=np.int64), "label": 1, "idx": i,
-             "weight": 1.0} for i, n in enumerate(lengths)]
+    return [
+        {
+            "input_ids": np.arange(1, n + 1),
+            "token_type_ids": np.zeros(n, dtype=np.int64),
+            "label": 1,
+            "idx": i,
+            "weight": 1.0,
+        }
+        for i, n in enumerate(lengths)
+    ]
 
 
 def test_collator_pads_to_smallest_bucket():
@@ -67,7 +82,9 @@ def test_decide_reasons():
     ds = fastpath.decide(cfg, cuda, deepspeed=True, world=1)
     assert not ds.enabled and "DeepSpeed" in ds.reason
     assert not fastpath.decide(load_config(None, ["fast.enabled=false"]), cuda, False, 1).enabled
-    forced = fastpath.decide(load_config(None, ["fast.enabled=true", "fast.backend=aot_eager"]), cpu, False, 1)
+    forced = fastpath.decide(
+        load_config(None, ["fast.enabled=true", "fast.backend=aot_eager"]), cpu, False, 1
+    )
     assert forced.enabled and forced.compile and not forced.cudagraphs and forced.mode is None
 
 
@@ -167,8 +184,12 @@ def tiny():
 
 def _forward(model):
     def fwd(batch: dict) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                     attention_mask=batch["attention_mask"]).logits
+        return model(
+            input_ids=batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+        ).logits
+
     return fwd
 
 
@@ -181,8 +202,11 @@ def _fast(model, buckets, backend: str = "eager") -> fastpath.FastPath:
 
 def _hidden(model, batch: dict) -> torch.Tensor:
     """Last hidden states of the real tokens (the tiny random model's logits vary too little to judge by)."""
-    h = model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                   attention_mask=batch["attention_mask"]).last_hidden_state
+    h = model.bert(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        attention_mask=batch["attention_mask"],
+    ).last_hidden_state
     return h[batch["attention_mask"].bool()]
 
 
@@ -202,8 +226,11 @@ def test_bucketing_keeps_the_logits(tiny):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # the check can fail: attending to the padding changes the real tokens' states
     wrong = data.make_collator(0, False, buckets=(128,))(rows)
-    wrong_h = model.bert(input_ids=wrong["input_ids"], token_type_ids=wrong["token_type_ids"],
-                         attention_mask=torch.ones_like(wrong["attention_mask"])).last_hidden_state
+    wrong_h = model.bert(
+        input_ids=wrong["input_ids"],
+        token_type_ids=wrong["token_type_ids"],
+        attention_mask=torch.ones_like(wrong["attention_mask"]),
+    ).last_hidden_state
     assert (wrong_h[wrong["attention_mask"].bool()] - ref_h).abs().max() > 1e-2
 
 
@@ -215,8 +242,14 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
     def batches(buckets):
         collate = data.make_collator(0, False, buckets=buckets)
         for n in lengths:
-            cut = [{**r, "input_ids": r["input_ids"][:1].repeat(n), "token_type_ids": r["token_type_ids"][:1]
-                    .repeat(n)} for r in rows]
+            cut = [
+                {
+                    **r,
+                    "input_ids": r["input_ids"][:1].repeat(n),
+                    "token_type_ids": r["token_type_ids"][:1].repeat(n),
+                }
+                for r in rows
+            ]
             yield collate(cut)
 
     fast = _fast(model, (32, 64))
@@ -245,8 +278,15 @@ def test_eval_pads_the_last_batch_to_a_constant_shape(tiny):
 # the real program: compiled vs eager training
 
 
-COMMON = ["model.dropout=0", "precision=no", "train.max_steps=10", "train.log_every=1", "eval.predict_test=false",
-          "data.max_length=64", "fast.bucket_multiple=64"]  # one bucket: compiling on 2 CPU cores is slow
+COMMON = [
+    "model.dropout=0",
+    "precision=no",
+    "train.max_steps=10",
+    "train.log_every=1",
+    "eval.predict_test=false",
+    "data.max_length=64",
+    "fast.bucket_multiple=64",
+]  # one bucket: compiling on 2 CPU cores is slow
 
 
 def _train_rows(run_dir) -> list[dict]:
@@ -269,12 +309,23 @@ def _compare(eager_dir, fast_dir, tol: float) -> None:
 def test_compiled_training_matches_eager(tmp_path):
     eager = run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'eager'}", *COMMON])
     assert "fast path off: no CUDA device" in eager.stderr + eager.stdout
-    fast = run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'fast'}", *COMMON, "fast.enabled=true",
-                      "fast.backend=aot_eager"])
+    fast = run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path / 'fast'}",
+            *COMMON,
+            "fast.enabled=true",
+            "fast.backend=aot_eager",
+        ]
+    )
     assert "fast path on" in fast.stderr + fast.stdout
     _compare(tmp_path / "eager", tmp_path / "fast", LOSS_TOL)
     ev = [json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("eager", "fast")]
-    assert ev[0]["final"]["splits"]["validation"]["accuracy"] == ev[1]["final"]["splits"]["validation"]["accuracy"]
+    assert (
+        ev[0]["final"]["splits"]["validation"]["accuracy"]
+        == ev[1]["final"]["splits"]["validation"]["accuracy"]
+    )
 
 
 def _direct_steps(run) -> None:
@@ -290,8 +341,16 @@ def test_group_by_length_is_wired_into_the_loop(tmp_path):
 
     from train import loop
 
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "data.group_by_length=true", "eval.predict_test=false",
-                              "checkpoint.resume=never", "train.log_every=1"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"output_dir={tmp_path}",
+            "data.group_by_length=true",
+            "eval.predict_test=false",
+            "checkpoint.resume=never",
+            "train.log_every=1",
+        ],
+    )
     run = loop.setup(cfg)
     try:
         assert run.sampler.lengths is not None and len(run.sampler.lengths) == 512
@@ -306,7 +365,9 @@ def test_group_by_length_is_wired_into_the_loop(tmp_path):
         GradientState._reset_state()
 
 
-def _losses_in_process(tmp_path, overrides: list[str], monkeypatch=None, cudagraph_grads: bool = False) -> list:
+def _losses_in_process(
+    tmp_path, overrides: list[str], monkeypatch=None, cudagraph_grads: bool = False
+) -> list:
     from accelerate.state import AcceleratorState, GradientState
 
     from train import loop
@@ -320,9 +381,20 @@ def _losses_in_process(tmp_path, overrides: list[str], monkeypatch=None, cudagra
             return d
 
         monkeypatch.setattr(loop, "decide", decide)
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "eval.predict_test=false", "checkpoint.resume=never",
-                              "train.log_every=1", "model.dropout=0", "precision=no", "data.max_length=64",
-                              "fast.bucket_multiple=64", *overrides])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"output_dir={tmp_path}",
+            "eval.predict_test=false",
+            "checkpoint.resume=never",
+            "train.log_every=1",
+            "model.dropout=0",
+            "precision=no",
+            "data.max_length=64",
+            "fast.bucket_multiple=64",
+            *overrides,
+        ],
+    )
     run = loop.setup(cfg)
     try:
         assert run.fast.set_to_none is not cudagraph_grads
@@ -340,8 +412,12 @@ def test_gradients_kept_for_cuda_graphs_accumulate_like_eager(tmp_path, monkeypa
     """With CUDA graphs + accumulation, grads are preallocated and zeroed in place (not set to None); the
     policy itself runs on CPU: 4 rows x accumulation 4 compiled == 16 rows eager."""
     eager = _losses_in_process(tmp_path / "eager", [])
-    kept = _losses_in_process(tmp_path / "kept", ["fast.enabled=true", "fast.backend=aot_eager",
-                                                  "train.per_device_batch_size=4"], monkeypatch, cudagraph_grads=True)
+    kept = _losses_in_process(
+        tmp_path / "kept",
+        ["fast.enabled=true", "fast.backend=aot_eager", "train.per_device_batch_size=4"],
+        monkeypatch,
+        cudagraph_grads=True,
+    )
     assert len(eager) == len(kept) == 6
     for a, b in zip(kept, eager, strict=True):
         assert abs(a - b) <= LOSS_TOL * max(1.0, abs(b)), (kept, eager)
@@ -359,8 +435,18 @@ def test_inductor_training_matches_eager(tmp_path):
 def test_compiled_ddp_with_accumulation_matches_eager(tmp_path):
     """2 processes x 4 rows x accumulation 2, compiled (DDP + dynamo), vs 1 process x 16 eager."""
     run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'eager'}", *COMMON])
-    run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'fast'}", *COMMON, "fast.enabled=true",
-               "fast.backend=aot_eager", "train.per_device_batch_size=4"], nproc=2)
+    run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path / 'fast'}",
+            *COMMON,
+            "fast.enabled=true",
+            "fast.backend=aot_eager",
+            "train.per_device_batch_size=4",
+        ],
+        nproc=2,
+    )
     eager, fast = _train_rows(tmp_path / "eager"), _train_rows(tmp_path / "fast")
     for a, b in zip(fast, eager, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
@@ -373,17 +459,47 @@ def test_compiled_ddp_with_accumulation_matches_eager(tmp_path):
 
 def test_compare_trainer_smoke(tmp_path):
     out = tmp_path / "bench.jsonl"
-    cmd = [sys.executable, str(REPO / "bench" / "compare_trainer.py"), "--model", "tiny", "--lengths", "fixed128",
-           "--max-length", "32", "--steps", "3", "--warmup", "1", "--fast-backend", "aot_eager", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "compare_trainer.py"),
+        "--model",
+        "tiny",
+        "--lengths",
+        "fixed128",
+        "--max-length",
+        "32",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--fast-backend",
+        "aot_eager",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["path"] for r in rows] == ["trainer", "loop_eager", "loop_fast"]
     assert out.read_text().splitlines() == proc.stdout.splitlines()
     for r in rows:
-        for key in ("samples_per_s", "ms_per_step", "real_tokens_per_s", "warmup_s", "device", "versions",
-                    "ratio_to_trainer", "mfu"):
+        for key in (
+            "samples_per_s",
+            "ms_per_step",
+            "real_tokens_per_s",
+            "warmup_s",
+            "device",
+            "versions",
+            "ratio_to_trainer",
+            "mfu",
+        ):
             assert key in r, key
         assert r["samples_per_s"] > 0 and r["mean_real_length"] == 32
     assert rows[0]["ratio_to_trainer"] == 1.0 and rows[2]["perf/compiled_graphs"] == 2
@@ -396,10 +512,19 @@ def test_compare_trainer_smoke(tmp_path):
 @pytest.mark.gpu
 @gpu
 def test_gpu_fast_matches_eager_bf16(tmp_path):
-    common = ["model.dropout=0", "precision=bf16", "train.max_steps=10", "train.log_every=1",
-              "eval.predict_test=false", "data.max_length=64", "fast.bucket_multiple=32"]
+    common = [
+        "model.dropout=0",
+        "precision=bf16",
+        "train.max_steps=10",
+        "train.log_every=1",
+        "eval.predict_test=false",
+        "data.max_length=64",
+        "fast.bucket_multiple=32",
+    ]
     run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'eager'}", *common, "fast.enabled=false"])
-    fast = run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'fast'}", *common])  # auto: on for CUDA
+    fast = run_train(
+        ["--config", str(SMOKE), f"output_dir={tmp_path / 'fast'}", *common]
+    )  # auto: on for CUDA
     assert "CUDA graphs on" in fast.stderr + fast.stdout
     eager_rows, fast_rows = _train_rows(tmp_path / "eager"), _train_rows(tmp_path / "fast")
     for a, b in zip(fast_rows, eager_rows, strict=True):
@@ -411,12 +536,27 @@ def test_gpu_fast_matches_eager_bf16(tmp_path):
 @gpu
 def test_gpu_cudagraphs_with_accumulation_fp32(tmp_path):
     """Accumulating into gradients kept outside the CUDA-graph pool: 4 x 4 with graphs == 1 x 16 eager."""
-    common = ["model.dropout=0", "precision=no", "train.max_steps=10", "train.log_every=1",
-              "eval.predict_test=false", "fast.compile_mode=reduce-overhead", "data.max_length=64",
-              "fast.bucket_multiple=64"]
+    common = [
+        "model.dropout=0",
+        "precision=no",
+        "train.max_steps=10",
+        "train.log_every=1",
+        "eval.predict_test=false",
+        "fast.compile_mode=reduce-overhead",
+        "data.max_length=64",
+        "fast.bucket_multiple=64",
+    ]
     run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'eager'}", *common, "fast.enabled=false"])
-    run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'fast'}", *common, "fast.enabled=true",
-               "train.per_device_batch_size=4"])
+    run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path / 'fast'}",
+            *common,
+            "fast.enabled=true",
+            "train.per_device_batch_size=4",
+        ]
+    )
     for a, b in zip(_train_rows(tmp_path / "fast"), _train_rows(tmp_path / "eager"), strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3)
 
@@ -427,8 +567,17 @@ def test_gpu_no_host_sync_inside_the_step(tmp_path):
     """After warm-up, optimizer steps between two logs never wait for the GPU (sync debug mode = error)."""
     from train import loop
 
-    cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "train.log_every=1000", "eval.predict_test=false",
-                              "checkpoint.resume=never", "data.max_length=64", "fast.bucket_multiple=64"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"output_dir={tmp_path}",
+            "train.log_every=1000",
+            "eval.predict_test=false",
+            "checkpoint.resume=never",
+            "data.max_length=64",
+            "fast.bucket_multiple=64",
+        ],
+    )
     run = loop.setup(cfg)
     assert run.fast.decision.cudagraphs
     run.total_steps = 3

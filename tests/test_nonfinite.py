@@ -41,14 +41,18 @@ def test_nan_steps_parser(monkeypatch) -> None:
 
 
 def _fake_acc(device: str = "cpu", kind: str = "DistributedType.NO") -> types.SimpleNamespace:
-    return types.SimpleNamespace(device=torch.device(device), process_index=0, num_processes=1, distributed_type=kind)
+    return types.SimpleNamespace(
+        device=torch.device(device), process_index=0, num_processes=1, distributed_type=kind
+    )
 
 
 def test_guard_records_the_first_bad_step_and_raises_at_check() -> None:
     guard = Guard(_fake_acc(), torch.nn.Linear(2, 2), "no", 0, lambda: "ckpt/step-1")
     for step, norm in ((1, 0.5), (2, float("nan")), (3, float("inf")), (4, 0.5)):
         guard.after_backward(step, torch.tensor(norm), torch.tensor(1.0))
-    with pytest.raises(NonFiniteError, match=r"at optimizer step 2 \(precision no; detected here\).*ckpt/step-1"):
+    with pytest.raises(
+        NonFiniteError, match=r"at optimizer step 2 \(precision no; detected here\).*ckpt/step-1"
+    ):
         guard.check("here")
     fp16 = Guard(_fake_acc(), torch.nn.Linear(2, 2), "fp16", 0)
     fp16.after_backward(1, torch.tensor(float("nan")), torch.tensor(1.0))
@@ -62,8 +66,15 @@ def test_skips_refused_under_deepspeed() -> None:
 
 def test_fp32_nan_stops_without_saving_and_resumes(tmp_path) -> None:
     out = tmp_path / "run"
-    args = ["--config", str(SMOKE), f"output_dir={out}", "precision=no", *BASE, "checkpoint.every_steps=2",
-            "train.log_every=4"]
+    args = [
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        "precision=no",
+        *BASE,
+        "checkpoint.every_steps=2",
+        "train.log_every=4",
+    ]
     proc = run_train(args, env={NAN_ENV: "5"}, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = _error(proc)
@@ -84,8 +95,11 @@ def test_fp32_nan_stops_without_saving_and_resumes(tmp_path) -> None:
 
 def test_bf16_nan_detected_at_log_window(tmp_path) -> None:
     out = tmp_path / "run"
-    proc = run_train(["--config", str(SMOKE), f"output_dir={out}", "precision=bf16", *BASE, "train.log_every=2"],
-                     env={NAN_ENV: "3"}, check=False)
+    proc = run_train(
+        ["--config", str(SMOKE), f"output_dir={out}", "precision=bf16", *BASE, "train.log_every=2"],
+        env={NAN_ENV: "3"},
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = _error(proc)
     assert "at optimizer step 3 (precision bf16; detected at the log of step 4)" in err
@@ -106,14 +120,29 @@ def test_fp32_skips_up_to_n_then_stops(tmp_path) -> None:
     assert _finite(out)
     proc = run_train([*args, f"output_dir={tmp_path / 'stop'}"], env={NAN_ENV: "3,5"}, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "at optimizer step 5 (precision no; more than train.max_nonfinite_skips=1 such steps)" in _error(proc)
+    assert "at optimizer step 5 (precision no; more than train.max_nonfinite_skips=1 such steps)" in _error(
+        proc
+    )
 
 
 def test_two_processes_agree_and_exit(tmp_path) -> None:
     """NaN on rank 1 only: both ranks stop at the same step with the same error; nothing hangs."""
     out = tmp_path / "run"
-    proc = run_train(["--config", str(SMOKE), f"output_dir={out}", "precision=no", *BASE, "train.log_every=2",
-                      "checkpoint.every_steps=2"], nproc=2, env={NAN_ENV: "3@1"}, check=False, timeout=300)
+    proc = run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            "precision=no",
+            *BASE,
+            "train.log_every=2",
+            "checkpoint.every_steps=2",
+        ],
+        nproc=2,
+        env={NAN_ENV: "3@1"},
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: non-finite")]
     assert len(errors) == 2, proc.stderr[-4000:]  # one per rank
@@ -125,8 +154,10 @@ def test_two_processes_agree_and_exit(tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_overflow_skipped_and_counted(tmp_path) -> None:
     out = tmp_path / "run"
-    run_train(["--config", str(SMOKE), f"output_dir={out}", "precision=fp16", *BASE, "train.log_every=1"],
-              env={NAN_ENV: "3"})
+    run_train(
+        ["--config", str(SMOKE), f"output_dir={out}", "precision=fp16", *BASE, "train.log_every=1"],
+        env={NAN_ENV: "3"},
+    )
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     skipped = [r["train/skipped_steps"] for r in rows]
     assert skipped[2] == skipped[1] + 1  # step 3 was skipped by the scaler and counted

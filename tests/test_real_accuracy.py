@@ -26,11 +26,21 @@ def minilm_path() -> Path:
 
 def test_minilm_sst2_reaches_078(tmp_path):
     glue = need_shared_glue()
-    run_train([
-        f"model.name_or_path={minilm_path()}", "data.task=sst2", f"data.glue_dir={glue}",
-        "data.max_train_samples=2000", "train.epochs=3", "train.lr=2e-5", "eval.predict_test=false",
-        "eval.every_epoch=false", "train.log_every=25", f"output_dir={tmp_path}",
-    ], timeout=1200)
+    run_train(
+        [
+            f"model.name_or_path={minilm_path()}",
+            "data.task=sst2",
+            f"data.glue_dir={glue}",
+            "data.max_train_samples=2000",
+            "train.epochs=3",
+            "train.lr=2e-5",
+            "eval.predict_test=false",
+            "eval.every_epoch=false",
+            "train.log_every=25",
+            f"output_dir={tmp_path}",
+        ],
+        timeout=1200,
+    )
     res = json.loads((tmp_path / "eval_results.json").read_text())
     dev = res["final"]["splits"]["validation"]
     assert res["final"]["step"] == 375  # 2000 / 16 x 3

@@ -142,16 +142,27 @@ def test_two_process_eval_is_exact(tmp_path):
 FIXTURES = SMOKE.parents[1] / "tests" / "fixtures"
 
 
-@pytest.mark.parametrize(("task", "files", "metrics"), [
-    ("mnli", {"MNLI-m.tsv": 12, "MNLI-mm.tsv": 11, "AX.tsv": 15}, {"accuracy"}),
-    ("stsb", {"STS-B.tsv": 1}, {"pearson", "spearman"}),
-    ("cola", {"CoLA.tsv": 2}, {"matthews_corr"}),
-    ("qqp", {"QQP.tsv": 6}, {"f1", "accuracy"}),
-])
+@pytest.mark.parametrize(
+    ("task", "files", "metrics"),
+    [
+        ("mnli", {"MNLI-m.tsv": 12, "MNLI-mm.tsv": 11, "AX.tsv": 15}, {"accuracy"}),
+        ("stsb", {"STS-B.tsv": 1}, {"pearson", "spearman"}),
+        ("cola", {"CoLA.tsv": 2}, {"matthews_corr"}),
+        ("qqp", {"QQP.tsv": 6}, {"f1", "accuracy"}),
+    ],
+)
 def test_every_task_shape_end_to_end(task, files, metrics, tmp_path):
     """Official layouts of the tasks whose real files are not bundled: metrics, splits, submission files."""
-    run_train(["--config", str(SMOKE), f"output_dir={tmp_path}", f"data.task={task}", f"data.glue_dir={FIXTURES}",
-               "train.epochs=1"])
+    run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path}",
+            f"data.task={task}",
+            f"data.glue_dir={FIXTURES}",
+            "train.epochs=1",
+        ]
+    )
     res = json.loads((tmp_path / "eval_results.json").read_text())
     splits = res["final"]["splits"]
     if task == "mnli":
@@ -162,8 +173,11 @@ def test_every_task_shape_end_to_end(task, files, metrics, tmp_path):
         assert metrics | {"score", "loss"} == set(split)
     labels = {"mnli": {"entailment", "neutral", "contradiction"}, "cola": {"0", "1"}, "qqp": {"0", "1"}}
     for name, rows in files.items():
-        preds = check_submission(tmp_path / "predictions" / name, rows, labels.get(task) or None) \
-            if task != "stsb" else (tmp_path / "predictions" / name).read_text().splitlines()[1:]
+        preds = (
+            check_submission(tmp_path / "predictions" / name, rows, labels.get(task) or None)
+            if task != "stsb"
+            else (tmp_path / "predictions" / name).read_text().splitlines()[1:]
+        )
         if task == "stsb":
             assert all(0.0 <= float(p.split("\t")[1]) <= 5.0 for p in preds)
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(files)

@@ -115,8 +115,15 @@ def wandb_files(root: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------
 # fixtures
 
-TRAIN_KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/epoch", "perf/samples_per_s",
-              "perf/tokens_per_s", "perf/padding_efficiency"]
+TRAIN_KEYS = [
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/epoch",
+    "perf/samples_per_s",
+    "perf/tokens_per_s",
+    "perf/padding_efficiency",
+]
 EVAL_KEYS = ["eval/accuracy", "eval/score", "eval/loss"]  # SST-2: accuracy; score = mean of GLUE metrics
 CANARY = "canary0secret0" * 3  # 42 characters, like an API key
 
@@ -155,9 +162,19 @@ def offline_run(tmp_path_factory) -> dict:
     saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("WANDB_")]}
     try:
         t0 = time.perf_counter()
-        proc = run_train(["--config", str(SMOKE), f"output_dir={out}", "tracking.wandb.project=glue-test",
-                          "tracking.wandb.mode=offline", "tracking.wandb.group=sweep-a",
-                          "tracking.wandb.tags=smoke,ci", *SHORT], env=env)
+        proc = run_train(
+            [
+                "--config",
+                str(SMOKE),
+                f"output_dir={out}",
+                "tracking.wandb.project=glue-test",
+                "tracking.wandb.mode=offline",
+                "tracking.wandb.group=sweep-a",
+                "tracking.wandb.tags=smoke,ci",
+                *SHORT,
+            ],
+            env=env,
+        )
         seconds = time.perf_counter() - t0
     finally:
         os.environ.update(saved)
@@ -239,12 +256,26 @@ def test_offline_run_records_config_history_summary(offline_run):
 def test_two_processes_make_one_wandb_run(tmp_path):
     env = wandb_env(tmp_path)
     out = tmp_path / "out"
-    run_train(["--config", str(SMOKE), f"output_dir={out}", "tracking.wandb.project=glue-test",
-               "tracking.wandb.mode=offline", "train.max_steps=6", "train.log_every=3", "eval.predict_test=false"],
-              nproc=2, env=env)
+    run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            "tracking.wandb.project=glue-test",
+            "tracking.wandb.mode=offline",
+            "train.max_steps=6",
+            "train.log_every=3",
+            "eval.predict_test=false",
+        ],
+        nproc=2,
+        env=env,
+    )
     files = wandb_files(tmp_path)
     assert len(files) == 1, files
-    assert len([d for d in (tmp_path / "wandb-dir" / "wandb").iterdir() if d.name.startswith("offline-run-")]) == 1
+    assert (
+        len([d for d in (tmp_path / "wandb-dir" / "wandb").iterdir() if d.name.startswith("offline-run-")])
+        == 1
+    )
     wb = read_wandb_file(files[0])
     assert wb.run.run_id == (out / "wandb_run_id.txt").read_text().strip()
     assert wb.config["run"]["world_size"] == 2 and wb.config["run"]["per_device_batch_size"] == 8
@@ -257,11 +288,29 @@ def test_sigterm_and_resume_continue_the_same_run(tmp_path):
     preempting; the restart continues the same W&B run id with strictly increasing steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **wandb_env(tmp_path)}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "train", "--config", str(SMOKE), f"output_dir={out}",
-           "tracking.wandb.project=glue-test", "tracking.wandb.mode=offline", "train.max_steps=24",
-           "train.log_every=2", "checkpoint.every_steps=8", "eval.predict_test=false"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--config",
+        str(SMOKE),
+        f"output_dir={out}",
+        "tracking.wandb.project=glue-test",
+        "tracking.wandb.mode=offline",
+        "train.max_steps=24",
+        "train.log_every=2",
+        "checkpoint.every_steps=8",
+        "eval.predict_test=false",
+    ]
+    first = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and first.poll() is None:
         if metrics.exists() and any(r["step"] >= 2 for r in read_metrics(metrics)):
@@ -287,7 +336,9 @@ def test_sigterm_and_resume_continue_the_same_run(tmp_path):
     assert a.run.run_id == b.run.run_id == run_id
     assert "preempting" in a.kinds and "preempting" not in b.kinds
     steps = a.steps + b.steps
-    assert steps == sorted(set(steps)), f"steps go backwards or repeat across the restart: {a.steps} | {b.steps}"
+    assert steps == sorted(set(steps)), (
+        f"steps go backwards or repeat across the restart: {a.steps} | {b.steps}"
+    )
     assert a.steps and max(a.steps) <= stopped < min(b.steps)
     assert max(b.steps) == 24
     # together the two files hold every row of the final metrics.jsonl (rewound and rewritten on resume)
@@ -307,7 +358,9 @@ def test_without_wandb_installed(tmp_path, offline_run):
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
     env = {**wandb_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), str(REPO)])}
-    probe = subprocess.run([sys.executable, "-c", "import wandb"], env={**os.environ, **env}, capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import wandb"], env={**os.environ, **env}, capture_output=True
+    )
     assert probe.returncode != 0, "the import blocker does not block"
 
     out = tmp_path / "out"
@@ -320,7 +373,6 @@ def test_without_wandb_installed(tmp_path, offline_run):
     with_wb = read_metrics(offline_run["out"] / "metrics.jsonl")
     without = read_metrics(out / "metrics.jsonl")
     assert [sorted(r) for r in without] == [sorted(r) for r in with_wb]
-
 
 
 def test_tracking_on_without_wandb_is_a_config_error(tmp_path, monkeypatch):
@@ -349,11 +401,22 @@ def test_settings_from_config_and_environment(tmp_path):
     with pytest.raises(ConfigError, match="WANDB_MODE"):
         resolve_wandb(cfg, out, {"WANDB_PROJECT": "p", "WANDB_MODE": "sometimes"})
 
-    cfg = load_config(SMOKE, ["tracking.wandb.project=q", "tracking.wandb.mode=offline", "tracking.wandb.name=n",
-                              "tracking.wandb.entity=team", "tracking.wandb.dir=/d"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "tracking.wandb.project=q",
+            "tracking.wandb.mode=offline",
+            "tracking.wandb.name=n",
+            "tracking.wandb.entity=team",
+            "tracking.wandb.dir=/d",
+        ],
+    )
     s = resolve_wandb(cfg, out, {"WANDB_PROJECT": "p", "WANDB_MODE": "online"})  # explicit config wins
     assert (s.project, s.mode, s.name, s.entity, s.dir) == ("q", "offline", "n", "team", Path("/d"))
-    assert resolve_wandb(load_config(SMOKE, ["tracking.wandb.mode=disabled"]), out, {"WANDB_PROJECT": "p"}) is None
+    assert (
+        resolve_wandb(load_config(SMOKE, ["tracking.wandb.mode=disabled"]), out, {"WANDB_PROJECT": "p"})
+        is None
+    )
     with pytest.raises(ConfigError, match="no W&B project"):
         resolve_wandb(load_config(SMOKE, ["tracking.wandb.mode=offline"]), out, {})
     with pytest.raises(ConfigError, match="tracking.wandb.mode"):

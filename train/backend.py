@@ -96,17 +96,25 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
-    return str(_get(ds_config, "zero_optimization.offload_optimizer.device") or "none").lower() not in ("none", "")
+    return str(_get(ds_config, "zero_optimization.offload_optimizer.device") or "none").lower() not in (
+        "none",
+        "",
+    )
 
 
-def expected_values(cfg: Config, per_device: int, accum: int, world: int, stage: int) -> dict[str, tuple[Any, str]]:
+def expected_values(
+    cfg: Config, per_device: int, accum: int, world: int, stage: int
+) -> dict[str, tuple[Any, str]]:
     """Every DeepSpeed key the run config decides: dotted key -> (value, where it comes from)."""
     t = cfg.train
     layout = f"train.effective_batch_size={t.effective_batch_size} on {world} processes"
     fused = cfg.deepspeed.fused_adam
     values: dict[str, tuple[Any, str]] = {
         "train_micro_batch_size_per_gpu": (per_device, f"train.per_device_batch_size ({layout})"),
-        "gradient_accumulation_steps": (accum, f"the derived accumulation ({layout}, {per_device} per device)"),
+        "gradient_accumulation_steps": (
+            accum,
+            f"the derived accumulation ({layout}, {per_device} per device)",
+        ),
         "train_batch_size": (per_device * accum * world, "train.effective_batch_size"),
         "gradient_clipping": (float(t.max_grad_norm or 0.0), "train.max_grad_norm (0 = no clipping)"),
         "fp16.enabled": (cfg.precision == "fp16", f"precision={cfg.precision}"),
@@ -115,17 +123,23 @@ def expected_values(cfg: Config, per_device: int, accum: int, world: int, stage:
         "optimizer.params.betas": ([t.adam_beta1, t.adam_beta2], "train.adam_beta1/train.adam_beta2"),
         "optimizer.params.eps": (t.adam_eps, "train.adam_eps"),
         "optimizer.params.weight_decay": (t.weight_decay, "train.weight_decay"),
-        "zero_allow_untested_optimizer": (True, "the optimizer built from the run config (torch AdamW by default)"),
+        "zero_allow_untested_optimizer": (
+            True,
+            "the optimizer built from the run config (torch AdamW by default)",
+        ),
         "zero_force_ds_cpu_optimizer": (fused, f"deepspeed.fused_adam={str(fused).lower()}"),
     }
     if stage == 3:
         values["zero_optimization.stage3_gather_16bit_weights_on_model_save"] = (
-            True, "the export of best/ and final/ as full Hugging Face checkpoints")
+            True,
+            "the export of best/ and final/ as full Hugging Face checkpoints",
+        )
     return values
 
 
-def check_and_fill(ds_config: dict, raw: dict, cfg: Config, per_device: int, accum: int, world: int,
-                   source: str) -> dict:
+def check_and_fill(
+    ds_config: dict, raw: dict, cfg: Config, per_device: int, accum: int, world: int, source: str
+) -> dict:
     """Fill ``ds_config`` (the live DeepSpeed config) from the run config; reject contradicting values.
 
     ``raw`` is the config as the user wrote it (before Accelerate filled anything); a value there that is
@@ -143,16 +157,22 @@ def check_and_fill(ds_config: dict, raw: dict, cfg: Config, per_device: int, acc
         problems.append(
             f"optimizer.type={opt_type!r} contradicts the run config, whose optimizer is AdamW (train.lr, "
             "train.adam_*, train.weight_decay; deepspeed.fused_adam=true for DeepSpeed's fused kernel); "
-            "set optimizer.type to \"AdamW\" or remove the section"
+            'set optimizer.type to "AdamW" or remove the section'
         )
-    if opt_type is not None and str(opt_type).lower() == "adam" and _get(raw, "optimizer.params.adam_w_mode") is False:
-        problems.append("optimizer.params.adam_w_mode=false contradicts the run config's AdamW (decoupled decay)")
+    if (
+        opt_type is not None
+        and str(opt_type).lower() == "adam"
+        and _get(raw, "optimizer.params.adam_w_mode") is False
+    ):
+        problems.append(
+            "optimizer.params.adam_w_mode=false contradicts the run config's AdamW (decoupled decay)"
+        )
     for key, (value, why) in expected_values(cfg, per_device, accum, world, stage).items():
         given = _get(raw, key)
         if given is not None and given != AUTO and not _same(given, value):
             problems.append(
                 f"{key}={json.dumps(given)} contradicts the run config, which gives {key}={json.dumps(value)} "
-                f"(from {why}); set it to \"auto\" in the DeepSpeed JSON or change the run config"
+                f'(from {why}); set it to "auto" in the DeepSpeed JSON or change the run config'
             )
         if not key.startswith("optimizer."):
             _set(ds_config, key, value)
@@ -168,15 +188,18 @@ def check_and_fill(ds_config: dict, raw: dict, cfg: Config, per_device: int, acc
     leftover = sorted(k for k, v in _walk(ds_config) if v == AUTO and k not in _ACCELERATE_FILLS)
     if leftover:
         raise ConfigError(
-            f"DeepSpeed config {source}: no value known for {', '.join(leftover)} (\"auto\" is only filled in for "
+            f'DeepSpeed config {source}: no value known for {", ".join(leftover)} ("auto" is only filled in for '
             "the batch, accumulation, precision, clipping and optimizer keys); give them a value"
         )
     return ds_config
 
 
 # "auto" values Accelerate fills from the model's hidden size during prepare
-_ACCELERATE_FILLS = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
-                     "zero_optimization.stage3_param_persistence_threshold")
+_ACCELERATE_FILLS = (
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+)
 
 
 def _walk(tree: dict, prefix: str = ""):
@@ -256,15 +279,29 @@ def prepare(acc, cfg: Config, layout, *objects):
     prepared = acc.prepare(*objects)
     engine = acc.deepspeed_engine_wrapped.engine if acc.deepspeed_engine_wrapped else None
     if engine is not None:
-        got = (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
-               engine.train_batch_size())
+        got = (
+            engine.train_micro_batch_size_per_gpu(),
+            engine.gradient_accumulation_steps(),
+            engine.train_batch_size(),
+        )
         want = (layout.per_device, layout.accum, layout.effective)
         if got != want:  # only reachable if Accelerate or DeepSpeed changed what we filled in
-            raise RuntimeError(f"DeepSpeed runs (micro batch, accumulation, batch) = {got}, the run config {want}")
-        log.info("DeepSpeed ZeRO-%d: micro batch %d x accumulation %d x %d processes = %d; clipping %s; "
-                 "precision %s; optimizer %s", engine.zero_optimization_stage(), *got[:2], layout.world, got[2],
-                 engine.gradient_clipping() or "off", cfg.precision, type(engine.basic_optimizer).__name__
-                 if hasattr(engine, "basic_optimizer") else type(engine.optimizer).__name__)
+            raise RuntimeError(
+                f"DeepSpeed runs (micro batch, accumulation, batch) = {got}, the run config {want}"
+            )
+        log.info(
+            "DeepSpeed ZeRO-%d: micro batch %d x accumulation %d x %d processes = %d; clipping %s; "
+            "precision %s; optimizer %s",
+            engine.zero_optimization_stage(),
+            *got[:2],
+            layout.world,
+            got[2],
+            engine.gradient_clipping() or "off",
+            cfg.precision,
+            type(engine.basic_optimizer).__name__
+            if hasattr(engine, "basic_optimizer")
+            else type(engine.optimizer).__name__,
+        )
     return prepared
 
 
@@ -285,10 +322,18 @@ def describe(acc) -> dict | None:
     engine, ds = wrapped.engine, acc.deepspeed_config
     import deepspeed
 
-    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-            "gradient_clipping", "fp16.enabled", "bf16.enabled", "data_types.grad_accum_dtype",
-            "zero_optimization.stage", "zero_optimization.offload_optimizer.device",
-            "zero_optimization.offload_param.device")
+    keys = (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+        "fp16.enabled",
+        "bf16.enabled",
+        "data_types.grad_accum_dtype",
+        "zero_optimization.stage",
+        "zero_optimization.offload_optimizer.device",
+        "zero_optimization.offload_param.device",
+    )
     return {
         "version": deepspeed.__version__,
         "config_file": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),

@@ -14,6 +14,8 @@ import resource
 import shutil
 from pathlib import Path
 
+from train import dist
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
@@ -97,12 +99,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _any_rank(acc, failed: bool) -> bool:
     """Collective: True on every rank if ``failed`` is True on any (no rank is left waiting)."""
-    if acc.num_processes == 1:
-        return failed
-    import torch
-
-    flag = torch.tensor([1.0 if failed else 0.0], device=acc.device)
-    return bool(acc.reduce(flag, reduction="sum").item() > 0)
+    return failed if acc.num_processes == 1 else dist.any_rank(failed)
 
 
 def _size(path: Path | None) -> int:
@@ -130,8 +127,11 @@ def _explain(error: BaseException | None, where: Path, need: int = 0) -> str:
         free = -1
     space = f"{free / 2**20:.1f} MiB free there" if free >= 0 else "free space unknown"
     fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if codes & {errno.ENOSPC, errno.EDQUOT} or "no space left" in text or "quota" in text or (
-        0 <= free < max(need, 16 * 2**20)
+    if (
+        codes & {errno.ENOSPC, errno.EDQUOT}
+        or "no space left" in text
+        or "quota" in text
+        or (0 <= free < max(need, 16 * 2**20))
     ):
         return f"the disk is full ({space}; a checkpoint needs about {need / 2**20:.1f} MiB; {raw})"
     if errno.EFBIG in codes or "file too large" in text or fsize != resource.RLIM_INFINITY:

@@ -71,10 +71,12 @@ class Decision:
     def describe(self) -> str:
         if not self.enabled:
             return f"fast path off: {self.reason}"
-        parts = [f"compile backend={self.backend} mode={self.mode}" if self.compile else "no compile",
-                 f"CUDA graphs {'on' if self.cudagraphs else 'off'}",
-                 f"fused AdamW {'on' if self.fused_adamw else 'off'}",
-                 f"padding buckets {list(self.buckets or ())}"]
+        parts = [
+            f"compile backend={self.backend} mode={self.mode}" if self.compile else "no compile",
+            f"CUDA graphs {'on' if self.cudagraphs else 'off'}",
+            f"fused AdamW {'on' if self.fused_adamw else 'off'}",
+            f"padding buckets {list(self.buckets or ())}",
+        ]
         return f"fast path on ({self.reason}): " + ", ".join(parts)
 
 
@@ -85,10 +87,14 @@ def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> De
     if fc.enabled is False:
         return Decision(False, "fast.enabled=false")
     if deepspeed:
-        return Decision(False, "DeepSpeed owns backward and the optimizer step (its engine is not compiled "
-                               "here); eager path")
+        return Decision(
+            False,
+            "DeepSpeed owns backward and the optimizer step (its engine is not compiled here); eager path",
+        )
     if fc.enabled == "auto" and not cuda:
-        return Decision(False, f"no CUDA device ({device.type}); eager path (fast.enabled=true forces compile)")
+        return Decision(
+            False, f"no CUDA device ({device.type}); eager path (fast.enabled=true forces compile)"
+        )
     reason = "fast.enabled=true" if fc.enabled is True else "auto: CUDA without DeepSpeed"
     mode = fc.compile_mode
     if mode == "auto":
@@ -98,15 +104,25 @@ def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> De
         mode = None  # modes are inductor options; other backends (aot_eager, eager) take none
     cudagraphs = cuda and fc.compile and mode in ("reduce-overhead", "max-autotune")
     buckets = bucket_lengths(cfg.data.max_length, fc.bucket_multiple, fc.buckets)
-    return Decision(True, reason, compile=fc.compile, mode=mode, backend=fc.backend, cudagraphs=cudagraphs,
-                    fused_adamw=fc.fused_adamw and device.type in ("cuda", "cpu"), buckets=buckets)
+    return Decision(
+        True,
+        reason,
+        compile=fc.compile,
+        mode=mode,
+        backend=fc.backend,
+        cudagraphs=cudagraphs,
+        fused_adamw=fc.fused_adamw and device.type in ("cuda", "cpu"),
+        buckets=buckets,
+    )
 
 
 def use_fused_adamw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The same AdamW (same groups and hyper-parameters) with ``fused=True``; other optimizers unchanged."""
     if type(optimizer) is not torch.optim.AdamW or optimizer.state:
-        log.info("fast path: optimizer %s kept (fused AdamW applies to a fresh torch.optim.AdamW only)",
-                 type(optimizer).__name__)
+        log.info(
+            "fast path: optimizer %s kept (fused AdamW applies to a fresh torch.optim.AdamW only)",
+            type(optimizer).__name__,
+        )
         return optimizer
     groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in optimizer.param_groups]
     return torch.optim.AdamW(groups, fused=True)
@@ -187,8 +203,10 @@ class FastPath:
             return self.forward(batch)
         n = batch["input_ids"].shape[0]
         if n < self.eval_rows:  # the last eval batch: pad rows (copies of row 0) so the shape stays constant
-            batch = {k: _pad_rows(v, self.eval_rows) if torch.is_tensor(v) and v.dim() else v
-                     for k, v in batch.items()}
+            batch = {
+                k: _pad_rows(v, self.eval_rows) if torch.is_tensor(v) and v.dim() else v
+                for k, v in batch.items()
+            }
         logits = self._call("eval", self._eval, batch)
         return logits[:n]
 
@@ -201,11 +219,17 @@ class FastPath:
         out = fn({k: batch[k] for k in BATCH_KEYS if k in batch})
         if compiled_graphs() != before:
             if new_shape:
-                log.info("fast path: compiled %s shape %s (%d graphs so far)", kind, shape, self.graph_count())
+                log.info(
+                    "fast path: compiled %s shape %s (%d graphs so far)", kind, shape, self.graph_count()
+                )
             else:
                 self.recompiles += 1
-                log.warning("fast path: RECOMPILED %s shape %s (a guard failed; %d recompiles so far)",
-                            kind, shape, self.recompiles)
+                log.warning(
+                    "fast path: RECOMPILED %s shape %s (a guard failed; %d recompiles so far)",
+                    kind,
+                    shape,
+                    self.recompiles,
+                )
             if self.warm and new_shape:
                 self.recompiles += 1
                 log.warning("fast path: new shape %s after warm-up (%s not in the bucket set?)", shape, kind)
@@ -225,9 +249,17 @@ class FastPath:
 
     # -- warm-up
 
-    def precompile(self, model: torch.nn.Module, device: torch.device, vocab: int, regression: bool,
-                   train_rows: int, backward: Callable[[torch.Tensor], None], zero_grad: Callable[[], None],
-                   repeats: int = 3) -> float:
+    def precompile(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        vocab: int,
+        regression: bool,
+        train_rows: int,
+        backward: Callable[[torch.Tensor], None],
+        zero_grad: Callable[[], None],
+        repeats: int = 3,
+    ) -> float:
         """Compile (and record CUDA graphs for) every bucket shape before training; returns the seconds spent.
 
         The dummy batches carry weight 0, so the gradients are exactly zero and are dropped; the optimizer is
@@ -253,8 +285,12 @@ class FastPath:
             torch.cuda.synchronize(device)
         self.warm = True
         self.warmup_s = time.perf_counter() - t0
-        log.info("fast path: %d shapes compiled in %.1f s (%d graphs)", 2 * len(self.decision.buckets or ()),
-                 self.warmup_s, self.graph_count())
+        log.info(
+            "fast path: %d shapes compiled in %.1f s (%d graphs)",
+            2 * len(self.decision.buckets or ()),
+            self.warmup_s,
+            self.graph_count(),
+        )
         return self.warmup_s
 
 
@@ -282,24 +318,45 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def build(cfg: Config, decision: Decision, forward: Callable[[dict], torch.Tensor],
-          loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], accum: int) -> FastPath:
+def build(
+    cfg: Config,
+    decision: Decision,
+    forward: Callable[[dict], torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    accum: int,
+) -> FastPath:
     log.info(decision.describe())
     return FastPath(decision, forward, loss, eval_rows=cfg.eval.batch_size, accum=accum)
 
 
-def attach(run: Any, decision: Decision, forward: Callable[[Any, dict], torch.Tensor],
-           per_sample_loss: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> FastPath:
+def attach(
+    run: Any,
+    decision: Decision,
+    forward: Callable[[Any, dict], torch.Tensor],
+    per_sample_loss: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
+) -> FastPath:
     """The loop's step functions for ``run`` (a ``loop.Run``), compiled and warmed up on the fast path."""
     regression = run.task.is_regression
-    fast = build(run.cfg, decision, lambda batch: forward(run, batch),
-                 lambda logits, labels: per_sample_loss(logits, labels, regression), run.layout.accum)
+    fast = build(
+        run.cfg,
+        decision,
+        lambda batch: forward(run, batch),
+        lambda logits, labels: per_sample_loss(logits, labels, regression),
+        run.layout.accum,
+    )
     if not fast.set_to_none:
         preallocate_grads(run.model)
     if fast.compiled and run.cfg.fast.precompile:
         vocab = int(run.acc.unwrap_model(run.model).config.vocab_size)
-        fast.precompile(run.model, run.acc.device, vocab, regression, run.layout.per_device, run.acc.backward,
-                        lambda: run.optimizer.zero_grad(set_to_none=fast.set_to_none))
+        fast.precompile(
+            run.model,
+            run.acc.device,
+            vocab,
+            regression,
+            run.layout.per_device,
+            run.acc.backward,
+            lambda: run.optimizer.zero_grad(set_to_none=fast.set_to_none),
+        )
     return fast
 
 

@@ -326,8 +326,15 @@ def train(run: Run) -> dict | None:
     cfg, st = run.cfg, run.state
     from tqdm.auto import tqdm
 
-    run.bar = tqdm(total=run.total_steps, initial=st.global_step, desc=f"train {run.task.name}", unit="step",
-                   disable=not run.acc.is_main_process, mininterval=2.0, dynamic_ncols=True)
+    run.bar = tqdm(
+        total=run.total_steps,
+        initial=st.global_step,
+        desc=f"train {run.task.name}",
+        unit="step",
+        disable=not run.acc.is_main_process,
+        mininterval=2.0,
+        dynamic_ncols=True,
+    )
     for epoch in range(st.epoch, cfg.train.epochs):
         if st.global_step >= run.total_steps:
             break

@@ -45,8 +45,14 @@ def nan_steps(rank: int) -> frozenset[int]:
 
 
 class Guard:
-    def __init__(self, acc, model: torch.nn.Module, precision: str, max_skips: int,
-                 last_checkpoint: Callable[[], object] = lambda: None):
+    def __init__(
+        self,
+        acc,
+        model: torch.nn.Module,
+        precision: str,
+        max_skips: int,
+        last_checkpoint: Callable[[], object] = lambda: None,
+    ):
         self.acc, self.model, self.precision, self.max_skips = acc, model, precision, max_skips
         if max_skips > 0 and "DEEPSPEED" in str(getattr(acc, "distributed_type", "")).upper():
             raise ConfigError(
@@ -79,15 +85,20 @@ class Guard:
             self.skips += 1
             if self.skips > self.max_skips:
                 self._fail(step, f"more than train.max_nonfinite_skips={self.max_skips} such steps")
-            log.warning("non-finite gradient norm at step %d: update skipped (%d of at most %d)", step,
-                        self.skips, self.max_skips)
+            log.warning(
+                "non-finite gradient norm at step %d: update skipped (%d of at most %d)",
+                step,
+                self.skips,
+                self.max_skips,
+            )
             for p in self.model.parameters():
                 p.grad = None  # torch optimizers leave parameters without a gradient untouched
             self.skipped_now = True
             return
         bad = ~torch.isfinite(value)
-        self.first_bad = torch.where(bad & (self.first_bad == 0), torch.full_like(self.first_bad, step),
-                                     self.first_bad)
+        self.first_bad = torch.where(
+            bad & (self.first_bad == 0), torch.full_like(self.first_bad, step), self.first_bad
+        )
 
     def check(self, where: str) -> None:
         """Collective (every rank calls it at the same point): raise on every rank if any saw a bad step."""
@@ -105,8 +116,11 @@ class Guard:
         raise NonFiniteError(
             f"non-finite training loss or gradient norm at optimizer step {step} (precision "
             f"{self.precision or 'no'}; {how}). The run stopped without writing a checkpoint after that step; "
-            + (f"the last good checkpoint is {last} and checkpoint.resume=auto resumes from it. "
-               if last else "there is no earlier checkpoint. ")
+            + (
+                f"the last good checkpoint is {last} and checkpoint.resume=auto resumes from it. "
+                if last
+                else "there is no earlier checkpoint. "
+            )
             + "Lower train.lr, enable train.max_grad_norm, "
             + ("use precision=no instead of bf16, " if self.precision == "bf16" else "")
             + "or set train.max_nonfinite_skips=N to skip up to N such steps"

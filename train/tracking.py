@@ -78,11 +78,18 @@ def git_info(path: Path | None = None) -> dict[str, Any]:
     """Commit and dirtiness of the source tree (empty when it is not a git checkout)."""
     cwd = str(path or Path(__file__).resolve().parent)
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
         if sha.returncode:
             return {}
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -97,8 +104,13 @@ def new_run_id() -> str:
 # settings
 
 
-_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-                 "disabled": "disabled"}
+_MODE_ALIASES = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
 
 
 @dataclass
@@ -147,8 +159,9 @@ def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None)
     model = Path(cfg.model.name_or_path.replace("builtin:", "")).name
     name = wb.name or f"{cfg.data.task}-{model}-s{cfg.seed}"
     where = Path(wb.dir or env.get("WANDB_DIR") or out)
-    return WandbSettings(project, wb.entity or env.get("WANDB_ENTITY") or None, mode, name, wb.group,
-                         list(wb.tags), where)
+    return WandbSettings(
+        project, wb.entity or env.get("WANDB_ENTITY") or None, mode, name, wb.group, list(wb.tags), where
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,7 +178,9 @@ class MetricsLog:
         """Drop rows logged after ``step`` (they belong to work a resumed run will redo)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
@@ -206,8 +221,16 @@ class Tracker(MetricsLog):
         super().rewind(step)
 
     # -- start --------------------------------------------------------------------------------------------
-    def start(self, run_id: str | None, global_step: int, model: torch.nn.Module, device: torch.device,
-              device_name: str, precision: str, world: int) -> str | None:
+    def start(
+        self,
+        run_id: str | None,
+        global_step: int,
+        model: torch.nn.Module,
+        device: torch.device,
+        device_name: str,
+        precision: str,
+        world: int,
+    ) -> str | None:
         """Set up throughput figures (every rank) and the W&B run (main process). Returns the run id to keep
         in the training state: the checkpoint's one when resuming, a new one on a fresh start."""
         self.flops_per_token = 6.0 * count_matmul_params(model)
@@ -256,14 +279,29 @@ class Tracker(MetricsLog):
         assert s is not None
         s.dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
-            project=s.project, entity=s.entity, name=s.name, group=s.group, tags=s.tags or None,
-            id=run_id, resume="allow", dir=str(s.dir), mode=s.mode, job_type="train",
-            config=self.run_config(device_name, precision), allow_val_change=True,
+            project=s.project,
+            entity=s.entity,
+            name=s.name,
+            group=s.group,
+            tags=s.tags or None,
+            id=run_id,
+            resume="allow",
+            dir=str(s.dir),
+            mode=s.mode,
+            job_type="train",
+            config=self.run_config(device_name, precision),
+            allow_val_change=True,
         )
         run.define_metric(STEP_AXIS)
         run.define_metric("*", step_metric=STEP_AXIS)
-        log.info("W&B run %s (%s, project %s) in %s; resuming above step %d", run_id, s.mode, s.project,
-                 s.dir / "wandb", self.floor)
+        log.info(
+            "W&B run %s (%s, project %s) in %s; resuming above step %d",
+            run_id,
+            s.mode,
+            s.project,
+            s.dir / "wandb",
+            self.floor,
+        )
         return run
 
     # -- logging ------------------------------------------------------------------------------------------

@@ -42,12 +42,18 @@ def build_tiny_bert() -> None:
     out.mkdir(exist_ok=True)
     wp.save_model(str(out))
     vocab = (out / "vocab.txt").read_text().splitlines()
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
+    tok = BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512
+    )
     tok.save_pretrained(out)
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
     )
     BertModel(cfg).save_pretrained(out, safe_serialization=True)
 
