@@ -192,8 +192,9 @@ def test_file_size_limit_during_save(tmp_path: Path) -> None:
 FUZZ_ARGS = [
     "precision=no",
     "model.dropout=0",
-    "data.max_train_samples=320",
-    "train.epochs=2",
+    # 192 optimizer steps: long enough that 20 kills land before the end even on an idle machine
+    # (a kill consumes at most a few steps; with 40 steps an unloaded run finished after 15 kills).
+    "train.epochs=6",
     "checkpoint.every_steps=1",
     "checkpoint.keep_last=2",
     "eval.predict_test=false",
