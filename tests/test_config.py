@@ -100,3 +100,21 @@ def test_resolved_config_round_trips(tmp_path):
     p = write(tmp_path, dump(c))
     assert load_config(p) == c
     assert yaml.safe_load(dump(c))["seed"] == 3
+
+
+def test_bundled_sweep_list_is_27_valid_runs():
+    """sweeps/glue.txt (for `sbatch --array=0-26 slurm/sweep.sbatch sweeps/glue.txt`) loads line by line."""
+    from train.loop import output_dir
+
+    runs = [
+        ln.split()
+        for ln in (REPO / "sweeps" / "glue.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert len(runs) == 27
+    dirs = set()
+    for task, seed, *overrides in runs:
+        cfg = load_config(REPO / "configs" / "tasks" / f"{task}.yaml", [f"seed={seed}", *overrides])
+        assert cfg.data.task == task
+        dirs.add(output_dir(cfg))
+    assert len(dirs) == 27  # every run has its own folder
