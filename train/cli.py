@@ -23,6 +23,12 @@ def _help_epilog() -> str:
     return "\n".join(lines)
 
 
+def report_error(e: BaseException) -> None:
+    """One write per message: several ranks share stderr, and print() writes text and newline separately."""
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
+
+
 def keys_markdown() -> str:
     """The README's config table (regenerate with ``python -m train --keys-markdown``)."""
     rows = ["| key | default | what |", "|---|---|---|"]
@@ -72,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
         train(setup(cfg))
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(e)
         return 2
     except NonFiniteError as e:  # every rank raises it at the same step (train/nonfinite.py)
-        print(f"error: {e}", file=sys.stderr)
+        report_error(e)
         return 3
     except ValueError as e:  # batch arithmetic and other value problems found at setup
         if "train." in str(e) or "data." in str(e):
-            print(f"error: {e}", file=sys.stderr)
+            report_error(e)
             return 2
         raise
     return 0
