@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         metavar="DIR",
         help="after timing, profile 20 more steps of each loop path with torch.profiler: a table of the "
-        "top ops on stderr and a Chrome trace DIR/<path>.json (where the step's time goes)",
+        "top ops on stderr and in DIR/<path>.txt, and a Chrome trace DIR/<path>.json (where the step's time goes)",
     )
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument(
@@ -403,11 +403,12 @@ def profile(run, name: str, folder: Path, steps: int = 20) -> None:
     with torch_profile(activities=acts) as prof:
         loop.train_one_epoch(run)
         sync(run.acc.device)
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(
-        f"--- profile of {steps} steps: {name} ---\n" + prof.key_averages().table(sort_by=key, row_limit=25),
-        file=sys.stderr,
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = f"--- profile of {steps} steps: {name} ---\n" + prof.key_averages().table(
+        sort_by=key, row_limit=30
     )
+    print(table, file=sys.stderr)
+    (folder / f"{name}.txt").write_text(table + "\n")
     prof.export_chrome_trace(str(folder / f"{name}.json"))
 
 

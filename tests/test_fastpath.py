@@ -505,6 +505,45 @@ def test_compare_trainer_smoke(tmp_path):
     assert rows[0]["ratio_to_trainer"] == 1.0 and rows[2]["perf/compiled_graphs"] == 2
 
 
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """bench/gpu_check.sh is what a session with a 15-minute GPU lease runs once: its CPU dry run (tiny model,
+    aot_eager) must produce every file the lease brings back, or the lease is wasted."""
+    out, empty = tmp_path / "out", tmp_path / "no-wheels"
+    empty.mkdir()
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "DRY_RUN": "1", "PYTHON": sys.executable}
+    env["WHEELS"] = str(empty)  # a developer's .whl may hold another Python's wheels
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name.split("-", 2)[2] for p in out.iterdir())  # drop the time stamp
+    assert files == [
+        "dry-run-fixed128.log",
+        "dry-run-gpu-tests.txt",
+        "dry-run-mnli.log",
+        "dry-run-tiny-fixed128.jsonl",
+        "dry-run-tiny-mnli-profile-loop_eager.txt",
+        "dry-run-tiny-mnli-profile-loop_fast.txt",
+        "dry-run-tiny-mnli.jsonl",
+    ]
+    for lengths in ("mnli", "fixed128"):
+        (jsonl,) = out.glob(f"*-{lengths}.jsonl")
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        assert [(r["path"], r["lengths"]) for r in rows] == [
+            (p, lengths) for p in ("trainer", "loop_eager", "loop_fast")
+        ]
+    for prof in out.glob("*-profile-*.txt"):
+        assert "Self CPU time total" in prof.read_text(), prof.name
+    table = [line for line in proc.stdout.splitlines() if " | tiny | " in line]  # bench/summarize.py's rows
+    assert len(table) == 6, proc.stdout[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU only (bench/gpu_check.sh): CUDA graphs
 
