@@ -27,19 +27,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-count_gpus() {
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != "-1" ]]; then
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        nvidia-smi -L | grep -c '^GPU'
-    else
-        echo 1
-    fi
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
 
 if [[ $# -gt 0 && $1 != -* && -f $1 && $1 =~ \.(ya?ml|json)$ ]]; then
     ACCELERATE_CONFIG=$1

@@ -25,15 +25,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # `-m train` must import this checkout even when started from elsewhere (e.g. a SLURM spool dir)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-count_gpus() {
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != "-1" ]]; then
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        nvidia-smi -L | grep -c '^GPU'
-    else
-        echo 1
-    fi
-}
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
 
 NPROC=${NPROC:-$(count_gpus)}
 NNODES=${NNODES:-1}
