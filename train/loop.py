@@ -501,8 +501,8 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
         pred = logits.float().squeeze(-1) if run.task.is_regression else logits.argmax(-1)
         got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"]))
         for key, value in zip(parts, got, strict=True):
-            parts[key].append(value.cpu().numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
+            parts[key].append(value)  # kept on the device: one host read per split, not one per batch
+    return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
 
 
 def evaluate(run: Run) -> dict[str, dict[str, float]]:
