@@ -78,7 +78,8 @@ def test_decide_reasons():
     on = fastpath.decide(cfg, cuda, deepspeed=False, world=1)
     assert on.enabled and on.mode == "reduce-overhead" and on.cudagraphs and on.fused_adamw
     assert on.buckets == (32, 64, 96, 128)
-    assert fastpath.decide(cfg, cuda, deepspeed=False, world=2).mode == "default"
+    ddp = fastpath.decide(cfg, cuda, deepspeed=False, world=2)
+    assert ddp.mode == "default" and not ddp.cudagraphs and "CUDA graphs off with 2 processes" in ddp.reason
     ds = fastpath.decide(cfg, cuda, deepspeed=True, world=1)
     assert not ds.enabled and "DeepSpeed" in ds.reason
     assert not fastpath.decide(load_config(None, ["fast.enabled=false"]), cuda, False, 1).enabled

@@ -100,6 +100,11 @@ def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> De
     if mode == "auto":
         # CUDA graphs under DDP are untested here (no multi-GPU machine); plain compile is the safe default.
         mode = "reduce-overhead" if cuda and world == 1 else "default"
+        if cuda and world > 1:
+            reason += (
+                f"; CUDA graphs off with {world} processes (untested under DDP; "
+                "fast.compile_mode=reduce-overhead turns them on)"
+            )
     if fc.backend != "inductor":
         mode = None  # modes are inductor options; other backends (aot_eager, eager) take none
     cudagraphs = cuda and fc.compile and mode in ("reduce-overhead", "max-autotune")
