@@ -41,6 +41,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accelerate_cmd(launch_opts: list[str], nproc: int, args: list[str]) -> list[str]:
+    """``accelerate launch <launch_opts> --num_processes N ... -m train <args>`` with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch_opts,
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "train",
+        *args,
+    ]
+
+
 def run_train(
     args: list[str],
     nproc: int = 1,
@@ -66,19 +83,7 @@ def run_train(
             *args,
         ]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(nproc),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "train",
-            *args,
-        ]
+        cmd = accelerate_cmd(["--multi_gpu"], nproc, args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

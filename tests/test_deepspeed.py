@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SMOKE, free_port, load_weights
+from conftest import REPO, SMOKE, accelerate_cmd, load_weights
 
 from train import backend
 from train.config import ConfigError, load_config
@@ -73,24 +73,8 @@ AUTO_KEYS = (
 
 
 def launch_cmd(accel_yaml: Path, nproc: int, out: Path, extra: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(accel_yaml),
-        "--num_processes",
-        str(nproc),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "train",
-        "--config",
-        str(SMOKE),
-        f"output_dir={out}",
-        *COMMON,
-        *extra,
-    ]
+    args = ["--config", str(SMOKE), f"output_dir={out}", *COMMON, *extra]
+    return accelerate_cmd(["--config_file", str(accel_yaml)], nproc, args)
 
 
 def launch_env() -> dict:

@@ -103,6 +103,19 @@ def submit(script: str, args: list[str], sbatch_opts: list[str], cwd: Path, env:
     return proc.stdout.strip().split(";")[0]
 
 
+def submit_train(
+    out: Path, workdir: Path, sbatch_opts: tuple[str, ...] = (), args: list[str] = RUN_ARGS
+) -> str:
+    """train.sbatch with 2 processes on one node, logging to <name>-<job>.out in ``workdir``."""
+    return submit(
+        "train.sbatch",
+        [*args, f"output_dir={out}"],
+        [*CPU_SBATCH, *sbatch_opts, "-o", "%x-%j.out"],
+        workdir,
+        env={"PROCS_PER_NODE": "2"},
+    )
+
+
 def job_info(job: str) -> dict[str, str] | None:
     proc = _sh("scontrol", "-o", "show", "job", job, check=False)
     if proc.returncode or not proc.stdout.strip():
@@ -218,13 +231,7 @@ def assert_resumed_mid_run(
 @pytest.fixture(scope="module")
 def reference(workdir) -> Path:
     out = workdir / "reference"
-    job = submit(
-        "train.sbatch",
-        [*RUN_ARGS, f"output_dir={out}"],
-        CPU_SBATCH + ["-o", "%x-%j.out"],
-        workdir,
-        env={"PROCS_PER_NODE": "2"},
-    )
+    job = submit_train(out, workdir)
     info = wait_job(job, 900)
     assert_finished(out, workdir, job, info)
     return out
@@ -315,13 +322,7 @@ def test_multinode_two_nodes_preempted(reference, workdir):
 
 def test_preempt_usr1_to_batch_shell(reference, workdir):
     out = workdir / "usr1"
-    job = submit(
-        "train.sbatch",
-        [*RUN_ARGS, f"output_dir={out}"],
-        CPU_SBATCH + ["-o", "%x-%j.out"],
-        workdir,
-        env={"PROCS_PER_NODE": "2"},
-    )
+    job = submit_train(out, workdir)
     wait_for_steps(out, job, 10)
     _sh("scancel", "--signal=USR1", "--batch", job)
     info = wait_job(job, 900)
@@ -346,13 +347,7 @@ def test_preempt_time_limit_signal(workdir):
     ref = workdir / "timelimit-reference"
     run_train([*args, f"output_dir={ref}"], nproc=2)
     out = workdir / "timelimit"
-    job = submit(
-        "train.sbatch",
-        [*args, f"output_dir={out}"],
-        [*CPU_SBATCH, "--time=2", "--signal=B:USR1@120", "-o", "%x-%j.out"],
-        workdir,
-        env={"PROCS_PER_NODE": "2"},
-    )
+    job = submit_train(out, workdir, ("--time=2", "--signal=B:USR1@120"), args)
     lifted = []
 
     def lift(info):
@@ -372,13 +367,7 @@ def test_preempt_by_high_priority_partition(reference, workdir):
     """A job in `low` is preempted (REQUEUE, GraceTime 15 s) by a job in `high` that needs its node: SLURM sends
     the job's --signal (B:USR1) at preemption; the run checkpoints and requeues before the grace time ends."""
     out = workdir / "partition"
-    job = submit(
-        "train.sbatch",
-        [*RUN_ARGS, f"output_dir={out}"],
-        [*CPU_SBATCH, "--partition=low", "--nodelist=n1", "--exclusive", "-o", "%x-%j.out"],
-        workdir,
-        env={"PROCS_PER_NODE": "2"},
-    )
+    job = submit_train(out, workdir, ("--partition=low", "--nodelist=n1", "--exclusive"))
     wait_for_steps(out, job, 5)
     marker = workdir / "high-ran"
     high = _sh(
