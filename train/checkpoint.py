@@ -97,11 +97,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _any_rank(acc, failed: bool) -> bool:
-    """Collective: True on every rank if ``failed`` is True on any (no rank is left waiting)."""
-    return failed if acc.num_processes == 1 else dist.any_rank(failed)
-
-
 def _size(path: Path | None) -> int:
     if path is None:
         return 0
@@ -159,12 +154,12 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
             tmp.mkdir()
         except OSError as e:
             error = e
-    if not _any_rank(acc, error is not None):
+    if not dist.any_rank(error is not None):
         try:
             acc.save_state(str(tmp))
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             error = e
-    if not _any_rank(acc, error is not None) and acc.is_main_process:
+    if not dist.any_rank(error is not None) and acc.is_main_process:
         try:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             _fsync_tree(tmp)
@@ -178,7 +173,7 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
             shutil.rmtree(aside, ignore_errors=True)
         except Exception as e:  # noqa: BLE001
             error = e
-    if _any_rank(acc, error is not None):
+    if dist.any_rank(error is not None):
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
@@ -266,7 +261,7 @@ def export_model(acc, model, tokenizer, dest: Path) -> None:
         except Exception as e:  # noqa: BLE001
             error = e
             shutil.rmtree(tmp, ignore_errors=True)
-    if _any_rank(acc, error is not None):
+    if dist.any_rank(error is not None):
         raise CheckpointError(
             f"could not write the model folder {dest}: {_explain(error, dest.parent, _size(dest))}. "
             "Free disk space (or move output_dir to a larger disk) and rerun; checkpoint.resume=auto resumes "

@@ -100,6 +100,8 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank; a CPU (gloo) all-reduce, never a device sync."""
     import torch.distributed as tdist
 
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return flag
     global _cpu_group
     if _cpu_group is None:
         same = tdist.get_backend() == "gloo"

@@ -459,8 +459,6 @@ def should_stop(run: Run) -> bool:
 
     The vote runs on the CPU over gloo, so asking every step costs no host-device synchronisation.
     """
-    if run.acc.num_processes == 1:
-        return run.stop.raised
     stop = dist.any_rank(run.stop.raised)
     if stop and not run.stop.raised:
         run.stop.signum = -1  # a peer was signalled
