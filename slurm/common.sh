@@ -36,59 +36,6 @@ job_banner() {
 
 write_slurm_info() {
     # never fails the job: a problem here is reported and the run goes on (the program validates the config)
-    python3 - "$@" <<'PY' || echo "slurm: could not write slurm_info.json (see above); continuing" >&2
-import datetime, json, os, subprocess, sys
-from pathlib import Path
-
-args = sys.argv[1:]
-config, overrides, i = None, [], 0
-while i < len(args):
-    a = args[i]
-    if a == "--config" and i + 1 < len(args):
-        config, i = args[i + 1], i + 2
-        continue
-    if a.startswith("--config="):
-        config = a.split("=", 1)[1]
-    elif "=" in a and not a.startswith("-"):
-        overrides.append(a)
-    i += 1
-from train.config import load_config  # light; train.loop would import torch (seconds per start)
-
-cfg = load_config(config, overrides)
-# the same folder as train.loop.output_dir (tests/test_launchers.py checks they agree)
-model = Path(cfg.model.name_or_path.replace("builtin:", "")).name
-out = Path(cfg.output_dir.format(task=cfg.data.task, model=model, seed=cfg.seed))
-root = os.environ["ROOT"]
-
-def git(*cmd):
-    r = subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else None
-
-env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SLURM_") and k in {
-    "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-    "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_JOB_QOS",
-    "SLURM_CLUSTER_NAME", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST", "SLURM_GPUS_ON_NODE", "SLURM_CPUS_ON_NODE",
-    "SLURM_JOB_GPUS", "SLURM_MEM_PER_NODE", "SLURM_TIMELIMIT"}}
-start = {
-    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-    "batch_host": os.uname().nodename,
-    "procs_per_node": int(os.environ.get("GLUE_PROCS_PER_NODE", "0")) or None,
-    "script": os.environ.get("GLUE_SBATCH"),
-    "args": args,
-    "git_sha": git("rev-parse", "HEAD"),
-    "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    "slurm": env,
-}
-out.mkdir(parents=True, exist_ok=True)
-path = out / "slurm_info.json"
-info = json.loads(path.read_text()) if path.exists() else {"starts": []}
-info["starts"].append(start)
-info.update(job_id=env.get("SLURM_JOB_ID"), git_sha=start["git_sha"], restarts=start["restart_count"])
-tmp = path.with_suffix(".json.tmp")
-tmp.write_text(json.dumps(info, indent=1) + "\n")
-tmp.replace(path)
-print(f"slurm: wrote {path}", file=sys.stderr)
-PY
+    python3 -m train.slurm_info "$@" || echo "slurm: could not write slurm_info.json (see above); continuing" >&2
 }
 export ROOT

@@ -118,3 +118,30 @@ def test_bundled_sweep_list_is_27_valid_runs():
         assert cfg.data.task == task
         dirs.add(output_dir(cfg))
     assert len(dirs) == 27  # every run has its own folder
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    """--config task.yaml --config model.yaml: later files win key by key, the CLI wins over both."""
+    task = write(tmp_path, "data:\n  task: rte\ntrain:\n  lr: 1.0e-5\n  epochs: 3\n")
+    model = tmp_path / "m.yaml"
+    model.write_text("model:\n  name_or_path: FacebookAI/roberta-base\ntrain:\n  lr: 3.0e-5\n")
+    c = load_config([task, model], ["train.epochs=4"])
+    assert (c.data.task, c.model.name_or_path, c.train.lr, c.train.epochs) == (
+        "rte",
+        "FacebookAI/roberta-base",
+        3e-5,
+        4,
+    )
+    assert load_config([model, task]).train.lr == 1e-5
+    assert main(["--config", str(task), "--config", str(model), "--print-config"]) == 0
+
+
+def test_sweep_takes_a_model_config(tmp_path):
+    from train import sweep
+
+    preset = REPO / "configs" / "models" / "roberta-base.yaml"
+    (run,) = sweep.plan(["rte"], [1], tmp_path / "out", model_configs=[preset])
+    cmd = sweep.train_command(run)
+    assert cmd[3:7] == ["--config", str(REPO / "configs/tasks/rte.yaml"), "--config", str(preset)]
+    assert f"config={REPO / 'configs/tasks/rte.yaml'} config={preset} output_dir=" in sweep.slurm_line(run)
+    assert sweep.check_plan([run]) == []

@@ -61,13 +61,16 @@ def _rows(lengths: list[int]) -> list[dict]:
 
 
 def test_collator_pads_to_smallest_bucket():
-    collate = data.make_collator(0, False, buckets=(32, 64, 128))
+    collate = data.make_collator(data.Inputs(), False, buckets=(32, 64, 128))
     for lengths, want in (([5, 3], 32), ([5, 33], 64), ([64], 64), ([100, 2], 128)):
         b = collate(_rows(lengths))
         assert b["input_ids"].shape == (len(lengths), want)
         assert b["attention_mask"].sum(1).tolist() == lengths  # real tokens only are attended
         assert (b["input_ids"][b["attention_mask"] == 0] == 0).all()
-    assert data.make_collator(0, False)(_rows([5, 33]))["input_ids"].shape == (2, 33)  # off: longest in batch
+    assert data.make_collator(data.Inputs(), False)(_rows([5, 33]))["input_ids"].shape == (
+        2,
+        33,
+    )  # off: longest in batch
 
 
 def test_decide_reasons():
@@ -177,7 +180,7 @@ def tiny():
     task = get_task("sst2")
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
-    model = load_model(cfg, task).eval()
+    model = load_model(cfg, task, tok).eval()
     ds = data.tokenize_split(cfg.data, task, task.split("train")[0], tok)
     rows = data.Weighted(ds).__getitems__(list(range(16)))
     return model, rows
@@ -214,19 +217,19 @@ def _hidden(model, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def test_bucketing_keeps_the_logits(tiny):
     model, rows = tiny
-    plain = data.make_collator(0, False)(rows)  # padded to the longest row only
+    plain = data.make_collator(data.Inputs(), False)(rows)  # padded to the longest row only
     ref, ref_h = _forward(model)(plain), _hidden(model, plain)
     longest = plain["input_ids"].shape[1]
     for buckets in ((64, 128), (longest + 1,), (97,)):
-        batch = data.make_collator(0, False, buckets=buckets)(rows)
+        batch = data.make_collator(data.Inputs(), False, buckets=buckets)(rows)
         assert batch["input_ids"].shape[1] > longest
         torch.testing.assert_close(_hidden(model, batch), ref_h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(_forward(model)(batch), ref, rtol=1e-5, atol=1e-6)
     compiled = _fast(model, (64, 128), backend="aot_eager")
-    got = compiled.eval_logits(data.make_collator(0, False, buckets=(64, 128))(rows))
+    got = compiled.eval_logits(data.make_collator(data.Inputs(), False, buckets=(64, 128))(rows))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # the check can fail: attending to the padding changes the real tokens' states
-    wrong = data.make_collator(0, False, buckets=(128,))(rows)
+    wrong = data.make_collator(data.Inputs(), False, buckets=(128,))(rows)
     wrong_h = model.bert(
         input_ids=wrong["input_ids"],
         token_type_ids=wrong["token_type_ids"],
@@ -241,7 +244,7 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
     lengths = (5, 20, 40)  # three distinct batch lengths, two buckets
 
     def batches(buckets):
-        collate = data.make_collator(0, False, buckets=buckets)
+        collate = data.make_collator(data.Inputs(), False, buckets=buckets)
         for n in lengths:
             cut = [
                 {
@@ -269,7 +272,7 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
 def test_eval_pads_the_last_batch_to_a_constant_shape(tiny):
     model, rows = tiny
     fast = _fast(model, (64,))
-    part = data.make_collator(0, False, buckets=(64,))(rows[:5])
+    part = data.make_collator(data.Inputs(), False, buckets=(64,))(rows[:5])
     got = fast.eval_logits(part)
     assert got.shape[0] == 5 and fast.shapes["eval"] == {(16, 64)}
     torch.testing.assert_close(got, _forward(model)(part), rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from train import dist
+from train.files import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -84,17 +85,6 @@ def find_resume(resume: str, output_dir: Path) -> Path | None:
             "partial or corrupt. Use checkpoint.resume=auto to take the newest complete one"
         )
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that a reader (or a restart after kill -9) sees the old or the new text, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _size(path: Path | None) -> int:
@@ -214,14 +204,6 @@ def _prune(output_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints; only ``checkpoints/`` is touched (never best/)."""
     for old in complete_checkpoints(output_dir, report=False)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:

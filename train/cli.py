@@ -43,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config file (see configs/); repeat to merge several in order, later files win "
+        "(e.g. --config configs/tasks/rte.yaml --config configs/models/roberta-base.yaml)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--keys-markdown", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")

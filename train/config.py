@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +38,19 @@ class ModelConfig:
     )
     revision: str | None = f(None, "Hub revision (branch, tag or commit) of the model")
     dropout: float | None = f(
-        None, "override hidden and attention dropout (0 makes runs comparable bit for bit)"
+        None,
+        "set every dropout probability in the model's config (each numeric field whose name contains "
+        "'dropout', whatever the family calls it) to this; 0 makes runs comparable bit for bit",
     )
     ignore_mismatched_sizes: bool = f(
         False, "allow a checkpoint whose classification head has another size (the head is re-initialised)"
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = f(
+        "auto", "attention kernel passed to from_pretrained; auto = what transformers picks for the family"
+    )
+    trust_remote_code: bool = f(
+        False,
+        "allow a checkpoint that needs Python code from its own repository (loading it RUNS that code)",
     )
 
 
@@ -288,6 +299,19 @@ def _merge(obj: Any, data: dict, source: str, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, tp, prefix + key, source))
 
 
+def _parse_cli_value(raw: str, tp: Any) -> Any:
+    """A command-line value as YAML would read it; text for string keys that YAML would make a mapping
+    (``output_dir={task}-x``) or cannot parse."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    takes_str = tp is str or str in typing.get_args(tp)
+    return raw if takes_str and isinstance(value, (dict, list)) else value
+
+
 def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     obj: Any = cfg
@@ -301,7 +325,7 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
                 raise ConfigError(
                     f"command line: '{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=…"
                 )
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _parse_cli_value(raw, tp)
             setattr(obj, part, _coerce(value, tp, dotted, "command line"))
         else:
             if not _is_section(tp):
@@ -309,43 +333,156 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
             obj = getattr(obj, part)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the config: defaults, then the YAML file, then ``key.sub=value`` overrides."""
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key '{key}' is written twice in the same mapping (lines {seen[key]} and "
+                f"{key_node.start_mark.line + 1}); keep one",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data; unreadable, non-UTF-8, invalid or duplicate-key files are ConfigErrors naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_config(
+    paths: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """Build the config: defaults, then each YAML file in order (later files win), then ``key.sub=value``."""
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _merge(cfg, data, str(path))
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in paths or ():
+        _merge(cfg, read_yaml(path) or {}, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(cfg, key.strip(), raw)
+    expand_paths(cfg)
     validate(cfg)
     return cfg
 
 
+# Path-valued keys: ``~`` and ``$VARS`` are expanded where the config is loaded (so config.yaml holds real paths).
+PATH_KEYS = (
+    "output_dir",
+    "model.name_or_path",
+    "data.glue_dir",
+    "data.hub_dataset",
+    "data.cache_dir",
+    "checkpoint.resume",
+    "tracking.wandb.dir",
+)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _put(cfg: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    setattr(cfg, leaf, value)
+
+
+def expand_paths(cfg: Config) -> None:
+    import os
+
+    for key in PATH_KEYS:
+        value = _get(cfg, key)
+        if isinstance(value, str) and ("~" in value or "$" in value):
+            expanded = os.path.expandvars(os.path.expanduser(value))
+            if "$" in expanded:
+                raise ConfigError(
+                    f"{key}={value!r}: the environment variable in it is not set; export it or write the path"
+                )
+            _put(cfg, key, expanded)
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+OUTPUT_FIELDS = ("task", "model", "seed")
+
+
+def _check_output_template(template: str) -> None:
+    import string
+
+    if not template.strip():
+        raise ConfigError("output_dir is empty; give a folder, e.g. output_dir=runs/{task}-{model}-s{seed}")
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(
+            f"output_dir={template!r} is not a valid template ({e}); write {{{{ and }}}} for literal braces"
+        ) from None
+    bad = [n for n in names if n not in OUTPUT_FIELDS]
+    if bad:
+        raise ConfigError(
+            f"output_dir={template!r} names {{{bad[0]}}}; a template may only use "
+            + ", ".join(f"{{{n}}}" for n in OUTPUT_FIELDS)
+        )
+
+
 def validate(cfg: Config) -> None:
-    """Value checks that do not need the world size or the model."""
+    """Value checks that do not need the world size or the model (those live where they are known)."""
     from train.tasks import TASKS
 
     if cfg.data.task not in TASKS:
         raise ConfigError(f"data.task: unknown GLUE task '{cfg.data.task}'; choose one of {', '.join(TASKS)}")
-    positive = {
-        "train.effective_batch_size": cfg.train.effective_batch_size,
-        "train.epochs": cfg.train.epochs,
-        "eval.batch_size": cfg.eval.batch_size,
-        "data.max_length": cfg.data.max_length,
-        "train.log_every": cfg.train.log_every,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "fast.bucket_multiple": cfg.fast.bucket_multiple,
-    }
-    for opt in (
+    _check_output_template(cfg.output_dir)
+    _check(0 <= cfg.seed < 2**32, "seed", cfg.seed, "in [0, 2^32)")
+    at_least_one = (
+        "train.effective_batch_size",
+        "train.epochs",
+        "train.log_every",
+        "eval.batch_size",
+        "data.max_length",
+        "checkpoint.keep_last",
+        "fast.bucket_multiple",
+    )
+    one_or_none = (
         "train.per_device_batch_size",
         "train.max_steps",
         "eval.every_steps",
@@ -353,24 +490,58 @@ def validate(cfg: Config) -> None:
         "data.pad_to_multiple_of",
         "data.max_train_samples",
         "data.max_eval_samples",
+    )
+    for key in at_least_one:
+        value = _get(cfg, key)
+        _check(value >= 1, key, value, "at least 1")
+    for key in one_or_none:
+        value = _get(cfg, key)
+        _check(value is None or value >= 1, key, value, "at least 1 (or null)")
+    for key in ("train.max_nonfinite_skips", "data.num_workers"):
+        value = _get(cfg, key)
+        _check(value >= 0, key, value, ">= 0")
+    t = cfg.train
+    for key in (
+        "train.lr",
+        "train.adam_eps",
+        "train.weight_decay",
+        "train.warmup_ratio",
+        "train.adam_beta1",
+        "train.adam_beta2",
     ):
-        section, key = opt.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value is not None:
-            positive[opt] = value
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.train.max_nonfinite_skips < 0:
-        raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {cfg.train.max_nonfinite_skips}")
-    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
-    if cfg.fast.buckets is not None and (not cfg.fast.buckets or min(cfg.fast.buckets) <= 0):
-        raise ConfigError(f"fast.buckets must be positive lengths, got {cfg.fast.buckets}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}")
-    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+        value = _get(cfg, key)
+        _check(math.isfinite(value), key, value, "a finite number")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(t.adam_eps > 0, "train.adam_eps", t.adam_eps, "> 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)")
+    for key in ("train.adam_beta1", "train.adam_beta2"):
+        value = _get(cfg, key)
+        _check(0.0 <= value < 1.0, key, value, "in [0, 1)")
+    if t.max_grad_norm is not None:
+        _check(
+            math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0,
+            "train.max_grad_norm",
+            t.max_grad_norm,
+            "> 0 (or null for no clipping)",
+        )
+    if cfg.fast.buckets is not None:
+        _check(
+            bool(cfg.fast.buckets) and min(cfg.fast.buckets) >= 1,
+            "fast.buckets",
+            cfg.fast.buckets,
+            "a non-empty list of positive lengths",
+        )
+    if cfg.model.dropout is not None:
+        _check(
+            math.isfinite(cfg.model.dropout) and 0.0 <= cfg.model.dropout < 1.0,
+            "model.dropout",
+            cfg.model.dropout,
+            "in [0, 1)",
+        )
+    for key in ("model.name_or_path", "data.hub_dataset", "checkpoint.resume"):
+        value = _get(cfg, key)
+        _check(bool(value and value.strip()), key, value, "a non-empty string")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -392,3 +563,14 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]
         else:
             rows.append((prefix + fld.name, fld.metadata.get("doc", ""), getattr(obj, fld.name)))
     return rows
+
+
+def model_short_name(name_or_path: str) -> str:
+    """The model's folder or repository name: ``bert-base-uncased`` for ``google-bert/bert-base-uncased``."""
+    return Path(str(name_or_path).replace("builtin:", "")).name
+
+
+def run_folder(cfg: Config) -> Path:
+    """The run folder ``output_dir`` names, with {task}, {model} and {seed} filled in (the one home of this rule)."""
+    model = model_short_name(cfg.model.name_or_path)
+    return Path(cfg.output_dir.format(task=cfg.data.task, model=model, seed=cfg.seed))

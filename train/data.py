@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +173,7 @@ def cache_key(cfg: DataConfig, task: Task, split: Split, tokenizer) -> str:
     """Changes whenever the tokenizer, the task, the max length or the source file does."""
     tok = _tokenizer_id(tokenizer)
     h = hashlib.sha256()
-    for part in (tok, task.name, split.name, str(cfg.max_length), _source_id(cfg, task, split), "v1"):
+    for part in (tok, task.name, split.name, str(cfg.max_length), _source_id(cfg, task, split), "v2"):
         h.update(part.encode())
         h.update(b"\0")
     return f"{task.name}-{split.name}-{h.hexdigest()[:16]}"
@@ -196,7 +196,9 @@ def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_fi
         def encode(batch: dict) -> dict:
             texts = [batch[c] for c in task.text_columns]
             enc = tokenizer(*texts, truncation=True, max_length=cfg.max_length)
-            return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"]}
+            # every field the tokenizer makes (input_ids, and token_type_ids where it has them); the mask is
+            # rebuilt by the collator, which pads
+            return {k: v for k, v in enc.items() if k != "attention_mask"}
 
         ds = raw.map(
             encode, batched=True, remove_columns=list(task.text_columns), desc=f"tokenize {split.name}"
@@ -337,13 +339,17 @@ class Packed:
     """A tokenized split as flat numpy arrays + offsets, read once from its Arrow table.
 
     A ``datasets.Dataset`` row lookup costs ~45 us (measured: 0.7 ms for a batch of 16, plus 0.9 ms to
-    collate Python lists); here a row is two array slices.
+    collate Python lists); here a row is one array slice per tokenized field (``input_ids``, and whatever else
+    the tokenizer made).
     """
 
     def __init__(self, ds):
         table = ds.with_format("arrow")[:]  # honours select()/indices mappings
-        self.ids, self.id_offsets = self._flat(table.column("input_ids"))
-        self.types, self.type_offsets = self._flat(table.column("token_type_ids"))
+        self.fields = {
+            name: self._flat(table.column(name))
+            for name in table.column_names
+            if name not in ("label", "idx")
+        }
         self.labels = table.column("label").to_numpy()
         self.idx = table.column("idx").to_numpy()
 
@@ -356,18 +362,12 @@ class Packed:
         return len(self.labels)
 
     def lengths(self) -> np.ndarray:
-        return np.diff(self.id_offsets)
+        return np.diff(self.fields["input_ids"][1])
 
     def row(self, i: int, weight: float = 1.0) -> dict:
-        a, b = self.id_offsets[i], self.id_offsets[i + 1]
-        c, d = self.type_offsets[i], self.type_offsets[i + 1]
-        return {
-            "input_ids": self.ids[a:b],
-            "token_type_ids": self.types[c:d],
-            "label": self.labels[i],
-            "idx": self.idx[i],
-            "weight": weight,
-        }
+        out = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in self.fields.items()}
+        out.update(label=self.labels[i], idx=self.idx[i], weight=weight)
+        return out
 
 
 def row_lengths(ds) -> np.ndarray:
@@ -392,11 +392,33 @@ class Weighted(torch.utils.data.Dataset):
         return [self[k] for k in keys]
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The tokenized fields a batch feeds the model (decided by ``train.model.model_inputs``).
+
+    ``fields``: tokenized columns passed to the model, ``input_ids`` first (``token_type_ids`` only where the
+    tokenizer makes them and the model has more than one token type); ``mask``: whether the model takes
+    ``attention_mask``; ``pad``: the padding value of each field (the tokenizer's pad id and pad token type).
+    """
+
+    fields: tuple[str, ...] = ("input_ids", "token_type_ids")
+    mask: bool = True
+    pad: dict[str, int] = field(default_factory=lambda: {"input_ids": 0, "token_type_ids": 0})
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        return self.fields + (("attention_mask",) if self.mask else ())
+
+
 def make_collator(
-    pad_id: int, regression: bool, pad_to_multiple_of: int | None = None, buckets: Sequence[int] | None = None
+    inputs: Inputs,
+    regression: bool,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
 ) -> Callable:
     """Dynamic padding: each batch is padded to its longest row (rounded up to a multiple if asked), or, with
-    ``buckets`` (the fast path's few fixed lengths), to the smallest bucket that holds it."""
+    ``buckets`` (the fast path's few fixed lengths), to the smallest bucket that holds it. Every field of
+    ``inputs`` is padded with its own value; ``attention_mask`` marks the real tokens (also used to count them)."""
     sizes = sorted(buckets) if buckets else None
 
     def padded_length(longest: int) -> int:
@@ -410,16 +432,16 @@ def make_collator(
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         lens = [len(r["input_ids"]) for r in rows]
         length = padded_length(max(lens))
-        ids = np.full((len(rows), length), pad_id, dtype=np.int64)
-        types = np.zeros((len(rows), length), dtype=np.int64)
+        arrays = {
+            name: np.full((len(rows), length), inputs.pad[name], dtype=np.int64) for name in inputs.fields
+        }
         mask = np.zeros((len(rows), length), dtype=np.int64)
         for j, (r, n) in enumerate(zip(rows, lens, strict=True)):
-            ids[j, :n] = r["input_ids"]
-            types[j, :n] = r["token_type_ids"]
+            for name, array in arrays.items():
+                array[j, :n] = r[name]
             mask[j, :n] = 1
         return {
-            "input_ids": torch.from_numpy(ids),
-            "token_type_ids": torch.from_numpy(types),
+            **{name: torch.from_numpy(array) for name, array in arrays.items()},
             "attention_mask": torch.from_numpy(mask),
             "labels": torch.tensor(
                 np.asarray([r["label"] for r in rows]), dtype=torch.float if regression else torch.long

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 
 from train.config import Config
+from train.data import Inputs
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "weight")
+LOSS_KEYS = ("labels", "weight")  # besides the model's own inputs (``Inputs.model_keys``)
 
 
 def bucket_lengths(max_length: int, multiple: int, fixed: list[int] | None = None) -> tuple[int, ...]:
@@ -146,6 +147,7 @@ class FastPath:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-sample losses
     eval_rows: int
     accum: int = 1
+    inputs: Inputs = field(default_factory=Inputs)  # the fields a batch feeds the model (train/model.py)
     _train: Callable | None = None
     _eval: Callable | None = None
     shapes: dict[str, set] = field(default_factory=lambda: {"train": set(), "eval": set()})
@@ -221,7 +223,7 @@ class FastPath:
         before = compiled_graphs()
         if self.decision.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay are no longer read
-        out = fn({k: batch[k] for k in BATCH_KEYS if k in batch})
+        out = fn({k: batch[k] for k in (*self.inputs.model_keys, *LOSS_KEYS)})
         if compiled_graphs() != before:
             if new_shape:
                 log.info(
@@ -277,14 +279,15 @@ class FastPath:
         for length in self.decision.buckets or ():
             model.train()
             for _ in range(repeats):  # CUDA graph trees warm up eagerly once, then record, then replay
-                b = dummy_batch(train_rows, length, vocab, regression, device)
+                b = dummy_batch(self.inputs, train_rows, length, vocab, regression, device)
                 losses = self.train_losses(b)
                 backward((losses * b["weight"]).sum())
                 zero_grad()
             model.eval()
             with torch.no_grad():
                 for _ in range(repeats):
-                    self.eval_logits(dummy_batch(self.eval_rows, length, vocab, regression, device))
+                    batch = dummy_batch(self.inputs, self.eval_rows, length, vocab, regression, device)
+                    self.eval_logits(batch)
         model.train(was_training)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -304,15 +307,22 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t[:1].expand(extra, *t.shape[1:])], 0)
 
 
-def dummy_batch(rows: int, length: int, vocab: int, regression: bool, device: torch.device) -> dict:
+def dummy_batch(
+    inputs: Inputs, rows: int, length: int, vocab: int, regression: bool, device: torch.device
+) -> dict:
+    """A weight-0 batch with the model's real input fields (random token ids, other fields at 0)."""
     g = torch.Generator().manual_seed(length)
     batch = {
-        "input_ids": torch.randint(1, max(2, vocab), (rows, length), generator=g),
-        "token_type_ids": torch.zeros(rows, length, dtype=torch.long),
-        "attention_mask": torch.ones(rows, length, dtype=torch.long),
-        "labels": torch.zeros(rows, dtype=torch.float if regression else torch.long),
-        "weight": torch.zeros(rows),
+        name: torch.randint(1, max(2, vocab), (rows, length), generator=g)
+        if name == "input_ids"
+        else torch.zeros(rows, length, dtype=torch.long)
+        for name in inputs.fields
     }
+    batch.update(
+        attention_mask=torch.ones(rows, length, dtype=torch.long),
+        labels=torch.zeros(rows, dtype=torch.float if regression else torch.long),
+        weight=torch.zeros(rows),
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -329,9 +339,12 @@ def build(
     forward: Callable[[dict], torch.Tensor],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     accum: int,
+    inputs: Inputs | None = None,
 ) -> FastPath:
     log.info(decision.describe())
-    return FastPath(decision, forward, loss, eval_rows=cfg.eval.batch_size, accum=accum)
+    return FastPath(
+        decision, forward, loss, eval_rows=cfg.eval.batch_size, accum=accum, inputs=inputs or Inputs()
+    )
 
 
 def attach(
@@ -348,11 +361,12 @@ def attach(
         lambda batch: forward(run, batch),
         lambda logits, labels: per_sample_loss(logits, labels, regression),
         run.layout.accum,
+        run.inputs,
     )
     if not fast.set_to_none:
         preallocate_grads(run.model)
     if fast.compiled and run.cfg.fast.precompile:
-        vocab = int(run.acc.unwrap_model(run.model).config.vocab_size)
+        vocab = len(run.tokenizer)  # the ids the tokenizer can produce
         fast.precompile(
             run.model,
             run.acc.device,

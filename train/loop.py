@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from train import backend, checkpoint, data, dist
-from train.config import Config, ConfigError, dump, to_dict
+from train.config import Config, ConfigError, dump, run_folder, to_dict
 from train.fastpath import FastPath, attach, decide, use_fused_adamw
+from train.files import write_atomic
 from train.metrics import compute_metrics
-from train.model import load_model, load_tokenizer
+from train.model import load_model, load_tokenizer, model_inputs
 from train.nonfinite import Guard
 from train.preempt import StopFlag, requeue_if_slurm
 from train.tasks import Split, Task, get_task
@@ -55,6 +56,7 @@ class Run:
     acc: object
     layout: data.Layout
     tokenizer: object
+    inputs: data.Inputs  # the batch fields the model takes (train/model.py: model_inputs)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -79,8 +81,7 @@ class Run:
 
 
 def output_dir(cfg: Config) -> Path:
-    model = Path(cfg.model.name_or_path.replace("builtin:", "")).name
-    return Path(cfg.output_dir.format(task=cfg.data.task, model=model, seed=cfg.seed))
+    return run_folder(cfg)
 
 
 def check_output_dir(cfg: Config, out: Path) -> None:
@@ -155,20 +156,21 @@ def setup(cfg: Config) -> Run:
     acc.wait_for_everyone()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(out / "config.yaml", dump(cfg))  # a kill -9 never leaves half a config
+        write_atomic(out / "config.yaml", dump(cfg))  # a kill -9 never leaves half a config
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # same init on every rank
     tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, task)
+    model = load_model(cfg, task, tokenizer)
+    inputs = model_inputs(tokenizer, model)  # before prepare: the signature of the unwrapped model
     splits = {kind: task.split(kind) for kind in ("train", "dev", "test")}
     main_first = acc.main_process_first
     train_ds = data.tokenize_split(cfg.data, task, splits["train"][0], tokenizer, main_first)
     if cfg.data.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
     collate = data.make_collator(
-        tokenizer.pad_token_id, task.is_regression, cfg.data.pad_to_multiple_of, buckets=fast.buckets
+        inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=fast.buckets
     )
     pin = acc.device.type == "cuda"
     lengths = data.row_lengths(train_ds) if cfg.data.group_by_length else None
@@ -207,6 +209,7 @@ def setup(cfg: Config) -> Run:
         acc,
         layout,
         tokenizer,
+        inputs,
         model,
         optimizer,
         scheduler,
@@ -298,7 +301,7 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
             if k in os.environ
         },
     }
-    checkpoint.write_atomic(run.out / "run_info.json", json.dumps(info, indent=1))
+    write_atomic(run.out / "run_info.json", json.dumps(info, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,12 +316,8 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool
 
 
 def forward(run: Run, batch: dict) -> torch.Tensor:
-    out = run.model(
-        input_ids=batch["input_ids"],
-        token_type_ids=batch["token_type_ids"],
-        attention_mask=batch["attention_mask"],
-    )
-    return out.logits
+    """The model on exactly the fields its tokenizer and ``forward`` agree on (``run.inputs``)."""
+    return run.model(**{k: batch[k] for k in run.inputs.model_keys}).logits
 
 
 def train(run: Run) -> dict | None:
@@ -556,9 +555,7 @@ def write_submission(path: Path, task: Task, idx: np.ndarray, pred: np.ndarray) 
     for i in order:
         value = f"{min(5.0, max(0.0, float(pred[i]))):.3f}" if task.is_regression else names[int(pred[i])]
         lines.append(f"{int(idx[i])}\t{value}")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -579,9 +576,7 @@ def finish(run: Run) -> dict:
         "best": st.best,
     }
     if run.acc.is_main_process:
-        tmp = run.out / "eval_results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(run.out / "eval_results.json")
+        write_atomic(run.out / "eval_results.json", json.dumps(results, indent=1))  # the "finished" marker
     run.metrics.close()
     run.acc.wait_for_everyone()
     run.acc.end_training()

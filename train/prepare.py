@@ -26,7 +26,7 @@ def prepare(cfg) -> list[str]:
 
     task = get_task(cfg.data.task)
     tokenizer = load_tokenizer(cfg)
-    load_model(cfg, task)  # weights into the HF cache (a local folder is just read)
+    load_model(cfg, task, tokenizer)  # weights into the HF cache (a local folder is just read)
     done = [f"model {data.resolve_builtin(cfg.model.name_or_path)}"]
     kinds = ("train", "dev", "test") if cfg.eval.predict_test else ("train", "dev")
     for kind in kinds:
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Download the model and dataset and tokenize every split, so that `python -m train` with the "
         "same config runs offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) from the caches.",
     )
-    parser.add_argument("--config", help="YAML config file (the one the job will use)")
+    parser.add_argument(
+        "--config", action="append", default=[], help="YAML config file(s) the job will use (repeatable)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="the job's config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

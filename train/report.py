@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from train import reference, submission
+from train.config import model_short_name
 from train.sweep import MANIFEST, STATUS
 from train.tasks import TASKS, Task
 
@@ -124,7 +125,7 @@ def _finished(folder: Path, root: Path, results: dict) -> RunRecord:
 
 
 def _model_name(name_or_path: str) -> str:
-    return Path(str(name_or_path).replace("builtin:", "")).name
+    return model_short_name(name_or_path)
 
 
 def _unfinished(folder: Path, root: Path) -> RunRecord:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.files import write_atomic
 from train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,11 +62,16 @@ class SweepRun:
     tag: str  # "" unless there are several override sets
     overrides: tuple[str, ...]  # common overrides + this run's override set
     folder: Path  # absolute
-    config: Path
+    config: Path  # the task's config
+    extra_configs: tuple[Path, ...] = ()  # merged after it, in order (--model-config)
 
     @property
     def name(self) -> str:
         return run_name(self.task, self.seed, self.tag)
+
+    @property
+    def configs(self) -> tuple[Path, ...]:
+        return (self.config, *self.extra_configs)
 
 
 def run_name(task: str, seed: int, tag: str = "") -> str:
@@ -137,18 +143,22 @@ def plan(
     config_dir: str | Path = DEFAULT_CONFIG_DIR,
     overrides: list[str] | tuple[str, ...] = (),
     grid: list[str] | tuple[str, ...] = (),
+    model_configs: list[str | Path] | tuple[str | Path, ...] = (),
 ) -> list[SweepRun]:
     """The sweep's runs: tasks × seeds × override sets, in that order."""
     out, cfg_dir = Path(out).resolve(), resolve_config_dir(config_dir)
+    extra = tuple(resolve_file(m) for m in model_configs)
     sets = override_sets(list(grid))
     _check_reserved([*overrides, *(o for _, extra in sets for o in extra)])
     tags = [tag for tag, _ in sets]
     if len(set(tags)) != len(tags):
         raise SweepError(f"--grid values give the same folder tag twice: {tags}")
     runs = []
-    for task, seed, (tag, extra) in itertools.product(tasks, seeds, sets):
+    for task, seed, (tag, sets_extra) in itertools.product(tasks, seeds, sets):
         folder = out / run_name(task, seed, tag)
-        runs.append(SweepRun(task, seed, tag, (*overrides, *extra), folder, cfg_dir / f"{task}.yaml"))
+        runs.append(
+            SweepRun(task, seed, tag, (*overrides, *sets_extra), folder, cfg_dir / f"{task}.yaml", extra)
+        )
     return runs
 
 
@@ -204,11 +214,14 @@ def check_plan(runs: list[SweepRun]) -> list[str]:
     missing = sorted({str(r.config) for r in runs if not r.config.is_file()})
     if missing:
         problems.append("no task config: " + ", ".join(missing) + " (use --config-dir)")
+    extra_missing = sorted({str(c) for r in runs for c in r.extra_configs if not c.is_file()})
+    if extra_missing:
+        problems.append("--model-config file not found: " + ", ".join(extra_missing))
     for run in runs:
-        if not run.config.is_file():
+        if not all(c.is_file() for c in run.configs):
             continue
         try:
-            cfg = load_config(run.config, train_overrides(run))
+            cfg = load_config(run.configs, train_overrides(run))
         except ConfigError as e:
             problems.append(f"{run.name}: {e}")
             continue
@@ -232,7 +245,8 @@ def train_overrides(run: SweepRun) -> list[str]:
 
 def train_command(run: SweepRun) -> list[str]:
     """The child process of one run."""
-    return [sys.executable, "-m", "train", "--config", str(run.config), *train_overrides(run)]
+    configs = [arg for c in run.configs for arg in ("--config", str(c))]
+    return [sys.executable, "-m", "train", *configs, *train_overrides(run)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,9 +270,7 @@ def describe_start(run: SweepRun) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _read_json(path: Path) -> dict:
@@ -280,6 +292,7 @@ def write_manifest(out: Path, runs: list[SweepRun]) -> None:
             "overrides": list(run.overrides),
             "folder": run.folder.name,
             "config": str(run.config),
+            "configs": [str(c) for c in run.configs],
         }
     _write_json(out / MANIFEST, {"runs": list(old.values())})
 
@@ -447,7 +460,8 @@ def slurm_line(run: SweepRun) -> str:
     The fields are whitespace-separated (no value may hold a space); ``config=FILE`` makes the array task use this
     sweep's config file (the script then also sets ``data.task=<task>``, which the file already says).
     """
-    fields = [run.task, str(run.seed), f"config={run.config}", f"output_dir={run.folder}", *run.overrides]
+    configs = [f"config={c}" for c in run.configs]
+    fields = [run.task, str(run.seed), *configs, f"output_dir={run.folder}", *run.overrides]
     spaced = [f for f in fields if any(c.isspace() for c in f)]
     if spaced:
         raise SweepError(
@@ -469,7 +483,8 @@ def sbatch_command(
     return ["sbatch", f"--array={array}", f"--output={log}", *extra, str(script), str(list_file)]
 
 
-def resolve_script(script: str | Path) -> Path:
+def resolve_file(script: str | Path) -> Path:
+    """A file given relative to the working directory, or else to the repository (configs/..., slurm/...)."""
     path = Path(script)
     if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
         path = REPO / path
@@ -485,7 +500,7 @@ def submit_slurm(runs: list[SweepRun], out: Path, args: argparse.Namespace) -> i
     list_file = out / LIST_FILE
     list_file.write_text("".join(slurm_line(r) + "\n" for r in todo))
     (out / LOG_DIR).mkdir(exist_ok=True)  # SLURM does not create the --output folder
-    script = resolve_script(args.sbatch_script)
+    script = resolve_file(args.sbatch_script)
     cmd = sbatch_command(list_file, len(todo), script, args.max_parallel, args.sbatch_arg)
     say(f"wrote {list_file} ({len(todo)} runs)")
     if args.dry_run:
@@ -522,6 +537,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="sweep folder; run folders DIR/<task>-s<seed>[-<tag>]")
     p.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR), help="folder of <task>.yaml run configs")
     p.add_argument(
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a config merged after each task's (repeatable), e.g. configs/models/roberta-base.yaml",
+    )
+    p.add_argument(
         "--grid",
         action="append",
         default=[],
@@ -549,7 +571,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_sweep(args: argparse.Namespace) -> int:
     runs = plan(
-        parse_tasks(args.tasks), parse_seeds(args.seeds), args.out, args.config_dir, args.overrides, args.grid
+        parse_tasks(args.tasks),
+        parse_seeds(args.seeds),
+        args.out,
+        args.config_dir,
+        args.overrides,
+        args.grid,
+        args.model_config,
     )
     for warning in check_plan(runs):
         say("warning: " + warning)

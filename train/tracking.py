@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
     from train.config import Config
 
+from train.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -156,8 +158,9 @@ def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None)
             f"W&B tracking is on (project {project!r}) but the wandb package is not installed: "
             "pip install 'glue-train[wandb]', or turn it off with tracking.wandb.mode=disabled"
         )
-    model = Path(cfg.model.name_or_path.replace("builtin:", "")).name
-    name = wb.name or f"{cfg.data.task}-{model}-s{cfg.seed}"
+    from train.config import model_short_name
+
+    name = wb.name or f"{cfg.data.task}-{model_short_name(cfg.model.name_or_path)}-s{cfg.seed}"
     where = Path(wb.dir or env.get("WANDB_DIR") or out)
     return WandbSettings(
         project, wb.entity or env.get("WANDB_ENTITY") or None, mode, name, wb.group, list(wb.tags), where
@@ -181,9 +184,7 @@ class MetricsLog:
         keep = [
             line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
         ]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -247,9 +248,7 @@ class Tracker(MetricsLog):
             self.floor = self.sent_before  # W&B holds this run's history up to here
         run_id = run_id or os.environ.get("WANDB_RUN_ID") or new_run_id()
         self.wandb_run = self._init_wandb(run_id, device_name, precision)
-        tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(run_id + "\n")
-        tmp.replace(id_file)
+        write_atomic(id_file, run_id + "\n")
         return run_id
 
     def run_config(self, device_name: str, precision: str) -> dict[str, Any]:

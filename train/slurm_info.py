@@ -1,0 +1,83 @@
+"""``python -m train.slurm_info ARGS``: append this SLURM start to ``<output_dir>/slurm_info.json``.
+
+Called by ``slurm/common.sh`` (``write_slurm_info``) before the program starts, with the program's own arguments
+(``--config FILE [--config FILE ...] key.sub=value ...``), so the record lands in the run folder the program will
+use (``train.config.run_folder``). Light on purpose: no torch import (it runs on every start of every job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from train.config import ConfigError, load_config, run_folder
+
+SLURM_KEYS = (
+    "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+    "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_JOB_QOS",
+    "SLURM_CLUSTER_NAME", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST", "SLURM_GPUS_ON_NODE", "SLURM_CPUS_ON_NODE",
+    "SLURM_JOB_GPUS", "SLURM_MEM_PER_NODE", "SLURM_TIMELIMIT",
+)  # fmt: skip
+
+
+def _git(root: str, *cmd: str) -> str | None:
+    r = subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def start_record(args: list[str], root: str) -> dict:
+    """What this start of the job was: time, SLURM ids (never other environment variables), command, git SHA."""
+    env = {k: os.environ[k] for k in SLURM_KEYS if k in os.environ}
+    return {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        "batch_host": os.uname().nodename,
+        "procs_per_node": int(os.environ.get("GLUE_PROCS_PER_NODE", "0")) or None,
+        "script": os.environ.get("GLUE_SBATCH"),
+        "args": args,
+        "git_sha": _git(root, "rev-parse", "HEAD"),
+        "git_dirty": bool(_git(root, "status", "--porcelain", "--untracked-files=no")),
+        "slurm": env,
+    }
+
+
+def append(out: Path, start: dict) -> Path:
+    from train.files import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "slurm_info.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        info = {"starts": []}
+    info.setdefault("starts", []).append(start)
+    info.update(
+        job_id=start["slurm"].get("SLURM_JOB_ID"), git_sha=start["git_sha"], restarts=start["restart_count"]
+    )
+    write_atomic(path, json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m train.slurm_info", add_help=False)
+    parser.add_argument("--config", action="append", default=[])
+    known, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    try:
+        out = run_folder(load_config(known.config, overrides))
+    except ConfigError as e:
+        print(f"slurm: {e}", file=sys.stderr)
+        return 2
+    path = append(out, start_record(argv, os.environ.get("ROOT", str(Path(__file__).resolve().parents[1]))))
+    print(f"slurm: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
