@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 # Read when these packages are imported: a request that changes them needs a fresh interpreter.
 IMPORT_TIME_PREFIXES = (
@@ -100,6 +101,8 @@ def serve() -> None:
     """Single-threaded on purpose: a fork from a process with other threads could inherit a held lock."""
     import select
 
+    # the checkout this file is in, as ``python -m train`` run from its root would import it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _warm_imports()
 
     def send(msg: dict) -> None:
