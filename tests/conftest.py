@@ -132,7 +132,12 @@ def _single_process(args: list[str], env: dict, timeout: float) -> subprocess.Co
     global _zygote
     if os.environ.get("GLUE_TEST_NO_ZYGOTE") != "1":
         if _zygote is None:
-            _zygote = Zygote()
+            try:
+                _zygote = Zygote()
+            except RuntimeError as e:  # e.g. an import fails: every run then shows why, as a fresh process
+                os.environ["GLUE_TEST_NO_ZYGOTE"] = "1"
+                print(f"warning: {e}; running each program in a fresh interpreter", file=sys.stderr)
+                return _single_process(args, env, timeout)
         if _zygote.usable(env):
             return _zygote.run(args, env, timeout)
     cmd = [sys.executable, "-m", "train", *args]

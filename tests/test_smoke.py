@@ -35,8 +35,9 @@ def test_smoke_writes_every_output(smoke_run):
         "final/config.json",
     ):
         assert (out / name).is_file(), name
-    cfg = load_config(out / "config.yaml")  # the saved config is a valid config
-    assert cfg.data.task == "sst2" and cfg.precision == "no"
+    cfg = load_config(out / "config.yaml")  # the saved config is a valid config: the one asked for
+    assert cfg.data.task == "sst2" and cfg.precision == "auto"
+    assert json.loads((out / "run_info.json").read_text())["precision"] == "no"  # what auto meant here
     log = proc.stderr + proc.stdout
     assert "effective batch 16 = 16 per device x 1 accumulation x 1 processes" in log
 

@@ -266,8 +266,24 @@ def keep_used_weight_conversions(model: torch.nn.Module) -> None:
             module._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
 
 
-def prepare(acc, cfg: Config, layout, *objects):
-    """``accelerator.prepare(*objects)``, with the DeepSpeed config filled from the run config first."""
+def name(acc) -> str:
+    """The backend in words, for logs and run_info.json: single process, DDP (N processes) or DeepSpeed ZeRO-k."""
+    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        return f"DeepSpeed ZeRO-{wrapped.engine.zero_optimization_stage()} ({acc.num_processes} processes)"
+    if acc.num_processes > 1:
+        return f"DDP ({acc.num_processes} processes, {acc.state.backend or 'default'} backend)"
+    return "single process"
+
+
+def prepare(acc, cfg: Config, layout, *objects, precision: str | None = None):
+    """``accelerator.prepare(*objects)``, with the DeepSpeed config filled from the run config first.
+
+    ``precision``: what the run computes in (``cfg.precision`` may say ``auto``)."""
+    if precision is not None and precision != cfg.precision:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, precision=precision)
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
             keep_used_weight_conversions(obj)

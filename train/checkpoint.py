@@ -7,6 +7,7 @@ A checkpoint is written into ``checkpoints/.tmp-step-N``, marked ``COMPLETE`` an
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -15,15 +16,17 @@ import shutil
 from pathlib import Path
 
 from train import dist
+from train.errors import UserError
 from train.files import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
+MANIFEST = "files.json"
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError, ValueError):
+    """A checkpoint cannot be written or used; agreed on by every rank."""
 
 
 def root(output_dir: Path) -> Path:
@@ -85,6 +88,131 @@ def find_resume(resume: str, output_dir: Path) -> Path | None:
             "partial or corrupt. Use checkpoint.resume=auto to take the newest complete one"
         )
     return path
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``files.json``: size and SHA-256 of every file of the checkpoint (written before ``COMPLETE``)."""
+    files = {
+        str(p.relative_to(folder)): [p.stat().st_size, _digest(p)]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, MARKER)
+    }
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete-looking checkpoint (names the file), or None when every file is intact."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE).read_text())
+        if not isinstance(state, dict) or "train_state" not in state:
+            return f"{STATE} has no train_state"
+    except (OSError, ValueError) as e:
+        return f"{STATE} cannot be read ({e})"
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return _legacy_damage(folder)
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} cannot be read ({e})"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _digest(path) != digest:
+            return f"{name} is damaged (its SHA-256 differs from the one written with it)"
+    return None
+
+
+def _legacy_damage(folder: Path) -> str | None:
+    """Checkpoints from before files.json: every file must at least parse."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as fh:
+                    fh.keys()
+            elif path.suffix in (".pkl", ".bin", ".pt"):
+                torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any failure to parse is damage
+            return f"{path.relative_to(folder)} cannot be read ({type(e).__name__})"
+    return None
+
+
+# What a checkpoint of another run may not differ in (the folder's own config is checked by train/runfolder.py);
+# the per-device batch and precision may: the effective batch and the math stay the same on other hardware.
+HARDWARE_KEYS = ("train.per_device_batch_size", "precision")
+
+
+def mismatch(path: Path, cfg: dict) -> list[str]:
+    """Keys in which the checkpoint's saved config differs from this run's (task, model, data, batch, ...)."""
+    from train.runfolder import config_diff
+
+    saved = json.loads((Path(path) / STATE).read_text()).get("config")
+    if not isinstance(saved, dict):
+        return []  # checkpoints from before the config was saved in them
+    return [k for k in config_diff(saved, cfg) if k not in HARDWARE_KEYS]
+
+
+def _choose_here(resume: str, output_dir: Path, cfg: dict) -> tuple[str | None, str | None]:
+    """(checkpoint, None) or (None, error) on the main process; see :func:`choose`."""
+    if resume != "auto":
+        path = find_resume(resume, output_dir)
+        if path is None:
+            return None, None
+        problem = damage(path)
+        if problem:
+            return None, (
+                f"checkpoint.resume={resume}: checkpoint {path} is damaged or corrupt ({problem}). Point "
+                "checkpoint.resume at another checkpoint, checkpoint.resume=auto (the newest usable one in "
+                "output_dir) or checkpoint.resume=never"
+            )
+        diff = mismatch(path, cfg)
+        if diff:
+            return None, (
+                f"checkpoint.resume={resume} was saved by a run with another config (differs in: "
+                f"{', '.join(diff)}); it is not this run's training state. Resume a checkpoint of this config, "
+                "or start fresh with checkpoint.resume=never"
+            )
+        return str(path), None
+    tried = []
+    for path in reversed(complete_checkpoints(output_dir)):
+        problem = damage(path) or (
+            f"saved with another config ({', '.join(mismatch(path, cfg))})" if mismatch(path, cfg) else None
+        )
+        if problem is None:
+            return str(path), None
+        log.warning("not resuming from %s: %s; trying the previous checkpoint", path, problem)
+        tried.append(f"{path.name}: {problem}")
+    if tried:
+        return None, (
+            f"no usable checkpoint in {root(output_dir)} ({'; '.join(tried)}). Restore the files, or set "
+            "overwrite=true to move this run aside and start over"
+        )
+    return None, None
+
+
+def choose(acc, resume: str, output_dir: Path, cfg: dict) -> Path | None:
+    """Collective. The checkpoint to resume from: ``auto`` = the newest complete one whose files are intact and
+    whose config matches (damaged ones are skipped with a warning naming the file), or the one asked for; None
+    for a fresh start. The main process checks the files once; every rank gets its answer (or error)."""
+    found, error = _choose_here(resume, output_dir, cfg) if acc.is_main_process else (None, None)
+    found, error = dist.from_main((found, error))
+    if error:
+        raise CheckpointError(error)
+    return Path(found) if found else None
 
 
 def _size(path: Path | None) -> int:
@@ -152,6 +280,7 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
     if not dist.any_rank(error is not None) and acc.is_main_process:
         try:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
+            write_manifest(tmp)  # sizes and hashes of every file: damage is found before a resume uses it
             _fsync_tree(tmp)
             (tmp / MARKER).write_text("ok\n")
             _fsync_tree(tmp)

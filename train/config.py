@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from train.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem the user must fix; the message names the key and its source."""
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from train.config import ConfigError, DataConfig
+from train.errors import UserError
 from train.tasks import Split, Task
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN = {"builtin:glue-sample": ASSETS / "glue_sample", "builtin:tiny-bert": ASSETS / "tiny-bert"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad or missing data; the message names the file (and line) and what to do."""
 
 
@@ -75,8 +75,7 @@ def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
             "under data.glue_dir, or unset data.glue_dir to use the Hub dataset"
             + ("; or set eval.predict_test=false to skip test predictions" if split.kind == "test" else "")
         )
-    with open(path, encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: MRPC starts with a BOM
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(_read_text(path).splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     headerless = task.tsv_label is None and split.kind != "test"  # CoLA train/dev
     if headerless:
         header, body, first_line = ["source", "label", "original_label", "sentence"], rows, 1
@@ -90,6 +89,7 @@ def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
         if name not in header:
             raise DataError(f"{path}:1: expected a column '{name}' in the header, found {header}")
     pos = {name: header.index(name) for name in header}
+    seen: dict[int, int] = {}  # test index -> line
     out: dict[str, list] = {"idx": [], **{c: [] for c in task.text_columns}, "label": []}
     for n, row in enumerate(body):
         line = first_line + n
@@ -100,11 +100,46 @@ def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
                 f"{path}:{line}: row has {len(row)} tab-separated fields, the header has {len(header)}; "
                 "fix or remove the row (GLUE files are read with quoting off)"
             )
-        out["idx"].append(int(row[pos[id_column]]) if split.kind == "test" else len(out["idx"]))
+        out["idx"].append(
+            _index(row[pos[id_column]], path, line, seen) if split.kind == "test" else len(out["idx"])
+        )
         for hub_col, tsv_col in zip(task.text_columns, task.tsv_columns, strict=True):
             out[hub_col].append(row[pos[tsv_col]])
         out["label"].append(-1 if split.kind == "test" else _label(row[pos[columns[-1]]], task, path, line))
     return out
+
+
+def _read_text(path: Path) -> str:
+    """The file's text (utf-8-sig: MRPC starts with a BOM); bytes that are not UTF-8 are an error naming the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); the official GLUE files are UTF-8, "
+            "re-download the file or convert it (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _index(raw: str, path: Path, line: int, seen: dict[int, int]) -> int:
+    """A test row's ``index``: an integer the server can match, once per file."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DataError(
+            f"{path}:{line}: test index '{raw}' is not an integer; fix or remove the row"
+        ) from None
+    if value in seen:
+        raise DataError(
+            f"{path}:{line}: test index {value} appears twice (first at line {seen[value]}); the GLUE server "
+            "matches predictions by index, so each must be unique"
+        )
+    seen[value] = line
+    return value
 
 
 def _label(raw: str, task: Task, path: Path, line: int) -> int | float:
@@ -179,18 +214,53 @@ def cache_key(cfg: DataConfig, task: Task, split: Split, tokenizer) -> str:
     return f"{task.name}-{split.name}-{h.hexdigest()[:16]}"
 
 
+def _cached(path: Path):
+    """The tokenized split at ``path``, or None when absent or damaged (a damaged one is reported)."""
+    import datasets
+
+    if not (path / "dataset_info.json").exists():
+        return None
+    try:
+        ds = datasets.load_from_disk(str(path))
+        ds.with_format("arrow")[:]  # reads every Arrow file once: a truncated one fails here, not mid-run
+        return ds
+    except Exception as e:  # noqa: BLE001 - any failure to read it means: tokenize again
+        log.warning("tokenized cache %s is damaged (%s: %s); tokenizing again", path, type(e).__name__, e)
+        return None
+
+
 def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_first=None):
     """Tokenized ``datasets.Dataset`` for one split, from the cache when present.
 
-    The main process tokenizes and writes the cache; the others wait (``main_first``) and read it.
+    The main process tokenizes and writes the cache; the other ranks wait (``main_first``) and read it. Several
+    runs sharing a cache (a SLURM array, local sweeps) are safe: one writer per entry at a time (a file lock),
+    each writes its own temporary folder and renames it into place, and a published entry is never deleted, so
+    a reader never sees a partial or vanishing one.
     """
-    import datasets
-
     path = cache_root(cfg) / cache_key(cfg, task, split, tokenizer)
     with main_first() if main_first else contextlib.nullcontext():
-        if (path / "dataset_info.json").exists():
+        ds = _cached(path)
+        if ds is not None:
             log.info("tokenized cache hit: %s", path)
-            return datasets.load_from_disk(str(path))
+            return ds
+        try:
+            return _tokenize_into(path, cfg, task, split, tokenizer)
+        except OSError as e:
+            raise DataError(
+                f"cannot write the tokenized-data cache {path.parent} ({e.strerror or e}); free disk space or point "
+                "data.cache_dir (or $GLUE_TRAIN_CACHE) at a writable folder"
+            ) from None
+
+
+def _tokenize_into(path: Path, cfg: DataConfig, task: Task, split: Split, tokenizer):
+    import datasets
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        ds = _cached(path)  # another process may have written it while this one waited
+        if ds is not None:
+            return ds
         raw = datasets.Dataset.from_dict(read_split(cfg, task, split))
 
         def encode(batch: dict) -> dict:
@@ -203,12 +273,15 @@ def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_fi
         ds = raw.map(
             encode, batched=True, remove_columns=list(task.text_columns), desc=f"tokenize {split.name}"
         )
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         ds.save_to_disk(str(tmp))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)  # readers never see a half-written cache
+        if (
+            path.exists()
+        ):  # damaged: moved aside (a reader holding it open keeps its files), never deleted here
+            os.replace(path, path.with_name(f".{path.name}.damaged{os.getpid()}"))
+        os.replace(tmp, path)
         log.info("tokenized %s/%s (%d rows) -> %s", task.name, split.name, len(ds), path)
-        return datasets.load_from_disk(str(path))
+    return datasets.load_from_disk(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------

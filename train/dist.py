@@ -20,6 +20,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher), before any Accelerator."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def uses_deepspeed() -> bool:
     """DeepSpeed is chosen by the launch config (``accelerate launch --config_file configs/accelerate/zero*.yaml``)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
@@ -96,16 +101,34 @@ def device_name(acc) -> str:
 _cpu_group = None
 
 
+def _group():
+    """A CPU (gloo) group over all ranks: votes and small objects never wait for the device."""
+    import torch.distributed as tdist
+
+    global _cpu_group
+    if _cpu_group is None:
+        same = tdist.get_backend() == "gloo"
+        _cpu_group = tdist.group.WORLD if same else tdist.new_group(backend="gloo")
+    return _cpu_group
+
+
+def from_main(obj):
+    """Every rank gets the main process's ``obj`` (a small picklable value)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, group=_group())
+    return box[0]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank; a CPU (gloo) all-reduce, never a device sync."""
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
         return flag
-    global _cpu_group
-    if _cpu_group is None:
-        same = tdist.get_backend() == "gloo"
-        _cpu_group = tdist.group.WORLD if same else tdist.new_group(backend="gloo")
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    tdist.all_reduce(t, group=_cpu_group)
+    tdist.all_reduce(t, group=_group())
     return bool(t.item())

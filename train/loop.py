@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,14 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train import backend, checkpoint, data, dist
-from train.config import Config, ConfigError, dump, run_folder, to_dict
+from train import backend, checkpoint, data, dist, runfolder, summary
+from train.config import Config, run_folder, to_dict
 from train.fastpath import FastPath, attach, decide, use_fused_adamw
 from train.files import write_atomic
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer, model_inputs
 from train.nonfinite import Guard
 from train.preempt import StopFlag, requeue_if_slurm
+from train.progress import Progress
 from train.tasks import Split, Task, get_task
 from train.tracking import Tracker
 
@@ -42,6 +45,9 @@ class TrainState:
     last_eval: dict = field(default_factory=dict)  # the same for the latest eval
     wandb_run_id: str | None = None  # the W&B run a resume continues (train/tracking.py)
     skipped_steps: int = 0  # optimizer steps without an update (fp16 overflow, train.max_nonfinite_skips)
+    train_seconds: float = 0.0  # wall time of the training steps, summed over starts (no eval, no start-up)
+    samples: int = 0  # real samples trained on, summed over starts
+    tokens: int = 0  # real (non-pad) tokens of them
 
     @property
     def last_eval_step(self) -> int:
@@ -74,6 +80,10 @@ class Run:
     guard: Guard | None = None  # non-finite loss/grad policy (train/nonfinite.py)
     bar: object = None  # progress bar over optimizer steps, main process only
     stopping: bool = False  # every rank agreed to stop (a signal reached at least one of them)
+    precision: str = "no"  # what the run computes in (cfg.precision may say auto)
+    info: dict = field(
+        default_factory=dict
+    )  # run_info.json's content (derived values; the config is not touched)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,38 +92,6 @@ class Run:
 
 def output_dir(cfg: Config) -> Path:
     return run_folder(cfg)
-
-
-def check_output_dir(cfg: Config, out: Path) -> None:
-    """Refuse to mix two different runs in one folder (unless overwrite)."""
-    old = out / "config.yaml"
-    if not old.exists() or cfg.overwrite:
-        return
-    ignore = ("overwrite", "checkpoint", "tracking")
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(old.read_text())
-    except yaml.YAMLError:
-        loaded = None
-    if not isinstance(loaded, dict):
-        raise ConfigError(
-            f"{old} is empty or damaged, so it cannot be compared with this run's config. Restore or delete it "
-            "(the checkpoints stay usable), or set overwrite=true"
-        )
-    before = {k: v for k, v in loaded.items() if k not in ignore}
-    now = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
-    if before != now:
-        diff = sorted(
-            f"{s}.{k}" if isinstance(now.get(s), dict) else s
-            for s in now
-            for k in (now[s] if isinstance(now[s], dict) else [None])
-            if (before.get(s, {}).get(k) if k else before.get(s)) != (now[s].get(k) if k else now[s])
-        )
-        raise ConfigError(
-            f"output_dir {out} holds a run with a different config (differs in: {', '.join(diff)}). "
-            "Use another output_dir, or set overwrite=true to train there anyway"
-        )
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -143,20 +121,91 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def setup(cfg: Config) -> Run:
+def run(cfg: Config, argv: list[str] | None = None) -> int:
+    """The whole program after the config is loaded; returns the exit code (errors raise, see train/cli.py)."""
+    started = setup(cfg)
+    if started is None:
+        return 0  # finished before: setup printed its summary
+    results = train(started)
+    if results is None and started.stop.signum == signal.SIGINT:
+        if started.acc.is_main_process:
+            log.warning(
+                "interrupted (Ctrl-C): checkpoint of step %d saved in %s; resume with the same command:\n  "
+                "python -m train %s",
+                started.state.global_step,
+                started.out / "checkpoints",
+                shlex.join(argv or []),
+            )
+        return 130
+    return 0
+
+
+@dataclass
+class Data:
+    """The tokenized splits and their loaders (train/data.py), built once per start."""
+
+    train_rows: int
+    sampler: data.PlanSampler
+    train_loader: object
+    eval_loaders: dict[Split, object]
+    test_loaders: dict[Split, object]
+    rows: dict[str, int]  # split name -> rows used (after data.max_*_samples)
+
+
+def build_data(
+    cfg: Config, task: Task, tokenizer, inputs: data.Inputs, layout: data.Layout, acc, buckets
+) -> Data:
+    main_first = acc.main_process_first
+    collate = data.make_collator(inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=buckets)
+    pin = acc.device.type == "cuda"
+    rows: dict[str, int] = {}
+
+    def split_ds(split: Split, limit: int | None):
+        ds = data.tokenize_split(cfg.data, task, split, tokenizer, main_first)
+        ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+        rows[split.name] = len(ds)
+        return ds
+
+    train_ds = split_ds(task.split("train")[0], cfg.data.max_train_samples)
+    lengths = data.row_lengths(train_ds) if cfg.data.group_by_length else None
+    sampler = data.PlanSampler(len(train_ds), layout, acc.process_index, cfg.seed, lengths)
+    loader = data.train_loader(train_ds, sampler, collate, cfg.data.num_workers, pin)
+
+    def eval_dl(split: Split, limit: int | None):
+        ds = split_ds(split, limit)
+        return data.eval_loader(ds, cfg.eval.batch_size, collate, cfg.data.num_workers, pin)
+
+    evals = {s: eval_dl(s, cfg.data.max_eval_samples) for s in task.split("dev")}
+    tests = {s: eval_dl(s, None) for s in task.split("test")} if cfg.eval.predict_test else {}
+    return Data(len(train_ds), sampler, loader, evals, tests, rows)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    total = steps_per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def setup(cfg: Config) -> Run | None:
+    """Everything a run needs; None when the run folder holds this run already finished (its summary is shown).
+
+    The run folder is only read until the model and the data have loaded (runfolder.claim writes it), so a start
+    that fails on a typo leaves nothing behind that would block the corrected rerun.
+    """
     task = get_task(cfg.data.task)
+    start = runfolder.inspect(cfg, lambda p: dist.resolve_precision(p, torch.cuda.is_available()))
+    if not start.trains:
+        if dist.launched_rank() == 0:
+            log.info("%s: nothing to train.\n%s", start.reason, "\n".join(summary.lines(start.out)))
+        return None
     layout = data.Layout.derive(
         cfg.train.effective_batch_size, cfg.train.per_device_batch_size, dist.launched_world_size()
     )
     acc = dist.make_accelerator(cfg.precision, layout.accum)
-    cfg.precision = acc.mixed_precision if acc.mixed_precision != "no" else "no"
+    precision = (
+        acc.mixed_precision
+    )  # what this run computes in: no, bf16 or fp16 (cfg.precision may say auto)
+    tracker = Tracker(cfg, start.out, acc.is_main_process)  # W&B settings checked before anything is loaded
     fast = decide(cfg, acc.device, dist.uses_deepspeed(), layout.world)  # logged (with its reason) by attach
-    out = output_dir(cfg)
-    check_output_dir(cfg, out)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.yaml", dump(cfg))  # a kill -9 never leaves half a config
 
     from accelerate.utils import set_seed
 
@@ -164,44 +213,25 @@ def setup(cfg: Config) -> Run:
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, task, tokenizer)
     inputs = model_inputs(tokenizer, model)  # before prepare: the signature of the unwrapped model
-    splits = {kind: task.split(kind) for kind in ("train", "dev", "test")}
-    main_first = acc.main_process_first
-    train_ds = data.tokenize_split(cfg.data, task, splits["train"][0], tokenizer, main_first)
-    if cfg.data.max_train_samples:
-        train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
-    collate = data.make_collator(
-        inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=fast.buckets
-    )
-    pin = acc.device.type == "cuda"
-    lengths = data.row_lengths(train_ds) if cfg.data.group_by_length else None
-    sampler = data.PlanSampler(len(train_ds), layout, acc.process_index, cfg.seed, lengths)
-    loader = data.train_loader(train_ds, sampler, collate, cfg.data.num_workers, pin)
-
-    def eval_dl(split: Split, limit: int | None):
-        ds = data.tokenize_split(cfg.data, task, split, tokenizer, main_first)
-        if limit:
-            ds = ds.select(range(min(limit, len(ds))))
-        return data.eval_loader(ds, cfg.eval.batch_size, collate, cfg.data.num_workers, pin)
-
-    evals = {s: eval_dl(s, cfg.data.max_eval_samples) for s in splits["dev"]}
-    tests = {s: eval_dl(s, None) for s in splits["test"]} if cfg.eval.predict_test else {}
-
-    steps_per_epoch = sampler.steps_per_epoch()
-    total = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
+    d = build_data(cfg, task, tokenizer, inputs, layout, acc, fast.buckets)
+    total = total_steps(cfg, d.sampler.steps_per_epoch())
     optimizer = build_optimizer(cfg, model)
     if fast.fused_adamw:
         optimizer = use_fused_adamw(optimizer)
     scheduler = build_scheduler(cfg, optimizer, total)
     # The scheduler is not prepared: Accelerate would step it once per process per step.
     # backend.prepare = acc.prepare, with the DeepSpeed config (if any) filled from the run config first
-    prepared = backend.prepare(acc, cfg, layout, model, optimizer, *evals.values(), *tests.values())
+    loaders = [*d.eval_loaders.values(), *d.test_loaders.values()]
+    prepared = backend.prepare(acc, cfg, layout, model, optimizer, *loaders, precision=precision)
     model, optimizer, rest = prepared[0], prepared[1], list(prepared[2:])
-    evals = dict(zip(evals, rest[: len(evals)], strict=True))
-    tests = dict(zip(tests, rest[len(evals) :], strict=True))
+    d.eval_loaders = dict(zip(d.eval_loaders, rest[: len(d.eval_loaders)], strict=True))
+    d.test_loaders = dict(zip(d.test_loaders, rest[len(d.eval_loaders) :], strict=True))
     acc.register_for_checkpointing(scheduler)
+    if acc.is_main_process:
+        runfolder.claim(start, cfg)  # only now: the marker, the old run moved aside, config.yaml
+    acc.wait_for_everyone()
 
+    out = start.out
     run = Run(
         cfg,
         task,
@@ -213,60 +243,82 @@ def setup(cfg: Config) -> Run:
         model,
         optimizer,
         scheduler,
-        sampler,
-        loader,
-        evals,
-        tests,
+        d.sampler,
+        d.train_loader,
+        d.eval_loaders,
+        d.test_loaders,
         total,
-        Tracker(cfg, out, acc.is_main_process),
+        tracker,
         StopFlag(),
+        precision=precision,
     )
     run.stop.install()
-    run.guard = Guard(
-        acc, model, cfg.precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out)
-    )
-    resume(run)
+    run.guard = Guard(acc, model, precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out))
+    resumed = resume(run, start)
     run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
-    write_run_info(run, len(train_ds), steps_per_epoch)
+    write_run_info(run, d.train_rows, d.sampler.steps_per_epoch())
     run.state.wandb_run_id = run.metrics.start(
         run.state.wandb_run_id,
         run.state.global_step,
         acc.unwrap_model(model),
         acc.device,
         dist.device_name(acc),
-        cfg.precision,
+        precision,
         layout.world,
     )
-    log.info(
-        "%s; %d optimizer steps (%d per epoch); precision %s; device %s",
-        layout.describe(),
-        total,
-        steps_per_epoch,
-        cfg.precision,
-        dist.device_name(acc),
-    )
+    if acc.is_main_process:
+        log.info("\n".join(start_block(run, d, resumed)))
     return run
 
 
-def resume(run: Run) -> None:
-    path = checkpoint.find_resume(run.cfg.checkpoint.resume, run.out)
+def start_block(run: Run, d: Data, resumed: str) -> list[str]:
+    """What a person needs to know before the first step, in one block (main process)."""
+    cfg, lay = run.cfg, run.layout
+    dev = ", ".join(f"{s.name} {d.rows[s.name]}" for s in run.eval_loaders)
+    test = (
+        ", ".join(f"{s.name} {d.rows[s.name]}" for s in run.test_loaders) or "none (eval.predict_test=false)"
+    )
+    source = cfg.data.glue_dir or f"Hub {cfg.data.hub_dataset}"
+    capped = f", capped by train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps else ""
+    steps = f"{run.sampler.steps_per_epoch()} per epoch x {cfg.train.epochs} epochs{capped}"
+    return [
+        f"==== {run.task.name} · {cfg.model.name_or_path} · seed {cfg.seed} ====",
+        f"  {'run folder':<12}{run.out.resolve()}",
+        f"  {'data':<12}train {d.train_rows} rows; dev {dev}; test {test} ({source})",
+        f"  {'batch':<12}{lay.describe()}",
+        f"  {'steps':<12}{run.total_steps} optimizer steps ({steps})",
+        f"  {'compute':<12}precision {run.precision}; {lay.world} x {dist.device_name(run.acc)}; "
+        f"{backend.name(run.acc)}",
+        f"  {'start':<12}{resumed}",
+    ]
+
+
+def resume(run: Run, start: runfolder.Start) -> str:
+    """Restore the newest usable checkpoint (or the one asked for); says in words where the run starts."""
+    want = run.cfg.checkpoint.resume
+    path = None
+    if want not in ("auto", "never") or start.action == "resume":
+        path = checkpoint.choose(run.acc, want, run.out, to_dict(run.cfg))
     if path is None:
         run.metrics.rewind(0)
-        return
+        return f"fresh ({start.reason})"
     run.state = TrainState(**checkpoint.load(run.acc, path)["train_state"])
     run.metrics.rewind(run.state.global_step)
-    log.info(
-        "resumed from %s at step %d (epoch %d, step %d of it)",
-        path,
-        run.state.global_step,
-        run.state.epoch,
-        run.state.step_in_epoch,
+    return (
+        f"resumed from {path} at step {run.state.global_step} (epoch {run.state.epoch}, step "
+        f"{run.state.step_in_epoch} of it)"
     )
 
 
+def update_run_info(run: Run, **values) -> None:
+    """Add ``values`` to ``run_info.json`` (main process; the dict lives in memory, the file follows it)."""
+    run.info.update(values)
+    if run.acc.is_main_process:
+        write_atomic(run.out / "run_info.json", json.dumps(run.info, indent=1))
+
+
 def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
-    if not run.acc.is_main_process:
-        return
+    """Derived values of this start (world, batch layout, precision, versions, SLURM ids): ``run_info.json``."""
     import os
 
     import accelerate
@@ -277,10 +329,12 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "per_device_batch_size": run.layout.per_device,
         "grad_accum_steps": run.layout.accum,
         "effective_batch_size": run.layout.effective,
-        "precision": run.cfg.precision,
+        "precision": run.precision,
         "device": dist.device_name(run.acc),
         "distributed_type": str(run.acc.distributed_type),
+        "backend": backend.name(run.acc),
         "deepspeed": backend.describe(run.acc),  # the filled DeepSpeed config (None without DeepSpeed)
+        "model_inputs": list(run.inputs.model_keys),
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": run.total_steps,
@@ -301,7 +355,8 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
             if k in os.environ
         },
     }
-    write_atomic(run.out / "run_info.json", json.dumps(info, indent=1))
+    run.info = {}
+    update_run_info(run, **info)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,18 +377,15 @@ def forward(run: Run, batch: dict) -> torch.Tensor:
 
 def train(run: Run) -> dict | None:
     """Train to the end (returns eval_results) or until a stop signal (returns None after checkpointing)."""
-    cfg, st = run.cfg, run.state
-    from tqdm.auto import tqdm
-
-    run.bar = tqdm(
-        total=run.total_steps,
-        initial=st.global_step,
-        desc=f"train {run.task.name}",
-        unit="step",
-        disable=not run.acc.is_main_process,
-        mininterval=2.0,
-        dynamic_ncols=True,
+    run.bar = Progress(
+        run.total_steps, run.state.global_step, f"train {run.task.name}", run.acc.is_main_process
     )
+    with run.bar.redirect():
+        return _train(run)
+
+
+def _train(run: Run) -> dict | None:
+    cfg, st = run.cfg, run.state
     for epoch in range(st.epoch, cfg.train.epochs):
         if st.global_step >= run.total_steps:
             break
@@ -385,7 +437,7 @@ def train_one_epoch(run: Run) -> None:
             run.scheduler.step()
         st.global_step += 1
         st.step_in_epoch += 1
-        run.bar.update()
+        run.bar.update(st.global_step, st.epoch + st.step_in_epoch / run.sampler.steps_per_epoch())
         win.step(norm, n_real, lr)
         if st.global_step % cfg.train.log_every == 0 or st.global_step == run.total_steps:
             log_train(run, win)
@@ -445,12 +497,12 @@ def log_train(run: Run, win: Window) -> None:
     if not math.isfinite(row["train/loss"]):
         log.error("non-finite training loss at step %d", run.state.global_step)
     run.metrics.write(row)
-    run.bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.3g}", refresh=False)
+    st = run.state
+    st.train_seconds += elapsed
+    st.samples += win.samples
+    st.tokens += int(tokens)
     run.guard.check(f"at the log of step {row['step']}")
-    if acc.is_main_process:
-        log.info(
-            "step %d/%d loss %.4f lr %.3g", row["step"], run.total_steps, row["train/loss"], row["train/lr"]
-        )
+    run.bar.logged(row["train/loss"], row["train/lr"], row["perf/samples_per_s"])
 
 
 def should_stop(run: Run) -> bool:
@@ -473,7 +525,7 @@ def save_checkpoint(run: Run) -> Path:
 def preempt(run: Run) -> None:
     run.bar.close()
     save_checkpoint(run)
-    if run.acc.is_main_process:
+    if run.acc.is_main_process and run.stop.requeue:
         requeue_if_slurm()
     run.metrics.close(preempted=True)
     run.acc.wait_for_everyone()
@@ -525,7 +577,13 @@ def evaluate_and_track(run: Run) -> dict:
     primary = next(iter(run.eval_loaders)).name
     score = results[primary]["score"]
     if run.acc.is_main_process:
-        log.info("eval at step %d: %s", st.global_step, json.dumps(results))
+        better = (
+            " (best so far)"
+            if score > st.best_score
+            else f" (best: {st.best_score:.4f} at step {st.best['step']})"
+        )
+        splits = "; ".join(f"{name} {summary.metrics_text(m)}" for name, m in results.items())
+        log.info("eval at step %d (epoch %.2f): %s%s", st.global_step, row["epoch"], splits, better)
     if score > st.best_score:
         st.best_score = score
         st.best = {"step": st.global_step, "epoch": row["epoch"], "splits": results}
@@ -576,8 +634,25 @@ def finish(run: Run) -> dict:
         "best": st.best,
     }
     if run.acc.is_main_process:
+        update_run_info(run, **end_info(run))  # train time, throughput, where W&B keeps the run
         write_atomic(run.out / "eval_results.json", json.dumps(results, indent=1))  # the "finished" marker
+        log.info("\n".join(summary.lines(run.out)))
     run.metrics.close()
     run.acc.wait_for_everyone()
     run.acc.end_training()
     return results
+
+
+def end_info(run: Run) -> dict:
+    """What run_info.json gains at the end: training time and mean throughput over the whole run (all starts)."""
+    st = run.state
+    seconds = max(st.train_seconds, 1e-9)
+    perf = {"samples_per_s": st.samples / seconds, "tokens_per_s": st.tokens / seconds}
+    perf.update(
+        {
+            k.removeprefix("perf/"): v
+            for k, v in run.metrics.throughput(st.tokens, st.tokens, seconds).items()
+            if k == "perf/mfu"
+        }
+    )
+    return {"train_time_s": round(st.train_seconds, 3), "throughput": perf, "wandb": run.metrics.info or None}

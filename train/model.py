@@ -206,14 +206,16 @@ def load_model(cfg: Config, task: Task, tokenizer):
     check_lengths(cfg, mcfg, tokenizer, name)
     cls = _model_class(cfg, mcfg, name)
     try:
-        model = cls.from_pretrained(
-            name,
-            config=mcfg,
-            revision=cfg.model.revision,
-            ignore_mismatched_sizes=cfg.model.ignore_mismatched_sizes,
-            trust_remote_code=cfg.model.trust_remote_code,
-            **_attention_kwargs(cfg, cls, name),
-        )
+        with _quiet_transformers():  # its multi-line load report becomes the one line below
+            model, info = cls.from_pretrained(
+                name,
+                config=mcfg,
+                revision=cfg.model.revision,
+                ignore_mismatched_sizes=cfg.model.ignore_mismatched_sizes,
+                trust_remote_code=cfg.model.trust_remote_code,
+                output_loading_info=True,
+                **_attention_kwargs(cfg, cls, name),
+            )
     except RuntimeError as e:
         if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
             raise ConfigError(
@@ -233,7 +235,42 @@ def load_model(cfg: Config, task: Task, tokenizer):
     except OSError as e:
         raise _load_error(name, e) from None
     _check_embeddings(model, tokenizer, name)
+    log.info("loaded %s (%s)%s", name, type(model).__name__, _load_report(info))
     return model
+
+
+def _load_report(info: dict) -> str:
+    """transformers' load report in one clause: the newly initialised weights (the head) and unused ones."""
+    parts = []
+    for key, what in (
+        ("missing_keys", "newly initialised"),
+        ("unexpected_keys", "in the checkpoint, unused"),
+    ):
+        names = sorted(info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            parts.append(f"{what}: {shown}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        parts.append(
+            f"re-initialised (other size in the checkpoint): {', '.join(str(m[0]) for m in mismatched)}"
+        )
+    return "; " + "; ".join(parts) if parts else "; every weight from the checkpoint"
+
+
+class _quiet_transformers:
+    """transformers at error level inside the block (its warnings are reported by the caller instead)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tlog
+
+        self.level = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity(self.level)
 
 
 def _model_class(cfg: Config, mcfg, name: str):

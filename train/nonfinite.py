@@ -23,13 +23,16 @@ from collections.abc import Callable
 import torch
 
 from train.config import ConfigError
+from train.errors import UserError
 
 log = logging.getLogger(__name__)
 NAN_ENV = "GLUE_TRAIN_DEBUG_NAN_AT_STEP"
 
 
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient norm; the message names the step."""
+class NonFiniteError(UserError, RuntimeError):
+    """Training produced a non-finite loss or gradient norm; the message names the step (exit code 3)."""
+
+    exit_code = 3
 
 
 def nan_steps(rank: int) -> frozenset[int]:

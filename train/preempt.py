@@ -1,7 +1,8 @@
-"""Preemption: SIGUSR1/SIGTERM ask for a clean stop at the next optimizer-step boundary.
+"""Preemption and Ctrl-C: SIGUSR1/SIGTERM/SIGINT ask for a clean stop at the next optimizer-step boundary.
 
-The handler only sets a flag; the loop agrees on it across ranks, checkpoints, and (under SLURM) asks for
-a requeue, so the job carries on from exactly where it stopped.
+The handler only sets a flag; the loop agrees on it across ranks, checkpoints, and (under SLURM, for SIGUSR1 and
+SIGTERM) asks for a requeue, so the job carries on from exactly where it stopped. A second Ctrl-C does not wait
+for the checkpoint: it interrupts at once (the program exits 130; the previous checkpoint is intact).
 """
 
 from __future__ import annotations
@@ -19,13 +20,23 @@ class StopFlag:
         self.signum: int | None = None
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signum is None:
-            log.warning("received %s: stopping after the current optimizer step", signal.Signals(signum).name)
+            what = (
+                "Ctrl-C (again to stop at once)" if signum == signal.SIGINT else signal.Signals(signum).name
+            )
+            log.warning("received %s: stopping after the current optimizer step, with a checkpoint", what)
         self.signum = signum
+
+    @property
+    def requeue(self) -> bool:
+        """A scheduler's stop (SIGUSR1/SIGTERM) asks for a requeue; the user's Ctrl-C does not."""
+        return self.signum not in (None, signal.SIGINT)
 
     @property
     def raised(self) -> bool:

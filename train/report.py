@@ -158,6 +158,11 @@ def _apply_sweep_info(rec: RunRecord, planned: dict | None, status: dict) -> Non
         rec.note = f"exit code {st['rc']} in the sweep; see {st.get('log', 'its log')}"
 
 
+def _set_aside(path: Path, root: Path) -> bool:
+    """Inside a run moved aside by overwrite=true (``previous-<time>/``): history, not a run of the sweep."""
+    return any(part.startswith("previous-") for part in path.relative_to(root).parts[:-1])
+
+
 def scan(root: str | Path) -> list[RunRecord]:
     """Every run under ``root``: finished, unfinished (config.yaml only) and planned-but-not-started."""
     root = Path(root).resolve()
@@ -165,12 +170,18 @@ def scan(root: str | Path) -> list[RunRecord]:
     status = _read_json(root / STATUS) or {}
     records: dict[Path, RunRecord] = {}
     for path in sorted(root.rglob("eval_results.json")):
+        if _set_aside(path, root):
+            continue
         results = _read_json(path)
         if results is not None and "task" in results:
             records[path.parent.resolve()] = _finished(path.parent, root, results)
     for path in sorted(root.rglob("config.yaml")):
         folder = path.parent.resolve()
-        if folder not in records and "checkpoints" not in folder.relative_to(root).parts:
+        if (
+            folder not in records
+            and "checkpoints" not in folder.relative_to(root).parts
+            and not _set_aside(path, root)
+        ):
             records[folder] = _unfinished(path.parent, root)
     for folder, run in planned.items():
         if folder not in records:

@@ -46,10 +46,14 @@ def start_record(args: list[str], root: str) -> dict:
     }
 
 
-def append(out: Path, start: dict) -> Path:
+def append(out: Path, start: dict) -> Path | None:
+    """Add ``start`` to the run folder's record; a folder that is not this program's is left alone."""
     from train.files import write_atomic
+    from train.runfolder import is_own_folder, mark
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not is_own_folder(out):
+        return None  # the program itself refuses such a folder, with the reason
+    mark(out)
     path = out / "slurm_info.json"
     try:
         info = json.loads(path.read_text())
@@ -75,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slurm: {e}", file=sys.stderr)
         return 2
     path = append(out, start_record(argv, os.environ.get("ROOT", str(Path(__file__).resolve().parents[1]))))
-    print(f"slurm: wrote {path}", file=sys.stderr)
+    print(
+        f"slurm: wrote {path}" if path else f"slurm: {out} is not a run folder; not writing there",
+        file=sys.stderr,
+    )
     return 0
 
 

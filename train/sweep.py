@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.errors import UserError
 from train.files import write_atomic
 from train.tasks import TASKS
 
@@ -47,7 +48,7 @@ LOG_DIR = "logs"
 STOP_GRACE_S = 300  # how long Ctrl-C waits for children to checkpoint
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A problem with the sweep's arguments or configs, found before any run starts."""
 
 

@@ -124,6 +124,7 @@ class WandbSettings:
     group: str | None
     tags: list[str]
     dir: Path
+    required: bool = False  # online asked for explicitly: no silent fallback to offline
 
 
 def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None) -> WandbSettings | None:
@@ -136,13 +137,14 @@ def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None)
 
     env = os.environ if environ is None else environ
     wb = cfg.tracking.wandb
+    raw = env.get("WANDB_MODE", "").strip().lower()
     if wb.mode is not None:
         mode = wb.mode
     else:
-        raw = env.get("WANDB_MODE", "").strip().lower()
         if raw and raw not in _MODE_ALIASES:
             raise ConfigError(f"WANDB_MODE={raw!r} is not a W&B mode; use online, offline or disabled")
         mode = _MODE_ALIASES.get(raw, "online")
+    required = mode == "online" and (wb.mode == "online" or _MODE_ALIASES.get(raw) == "online")
     project = wb.project or env.get("WANDB_PROJECT") or None
     if mode == "disabled":
         return None
@@ -163,12 +165,46 @@ def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None)
     name = wb.name or f"{cfg.data.task}-{model_short_name(cfg.model.name_or_path)}-s{cfg.seed}"
     where = Path(wb.dir or env.get("WANDB_DIR") or out)
     return WandbSettings(
-        project, wb.entity or env.get("WANDB_ENTITY") or None, mode, name, wb.group, list(wb.tags), where
+        project,
+        wb.entity or env.get("WANDB_ENTITY") or None,
+        mode,
+        name,
+        wb.group,
+        list(wb.tags),
+        where,
+        required,
     )
+
+
+INIT_TIMEOUT_S = (
+    10  # W&B's own init timeout; with its start and teardown a failed online init ends within ~25 s
+)
+
+
+def has_api_key(base_url: str | None = None) -> bool:
+    """An API key W&B would find: $WANDB_API_KEY, or a netrc entry for its host (what `wandb login` writes)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(base_url or os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
 # writers
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 class MetricsLog:
@@ -177,13 +213,26 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
 
+    def rows(self) -> list[tuple[str, dict]]:
+        """(line, row) for every complete row; a line cut short by a crash is dropped with a warning."""
+        lines = self.path.read_text(errors="replace").splitlines()
+        out = []
+        for n, line in enumerate(lines, 1):
+            row = _parse_row(line)
+            if row is not None:
+                out.append((line, row))
+            elif line.strip():
+                where = "its last line" if n == len(lines) else f"line {n}"
+                log.warning(
+                    "%s: dropping %s, which is not a complete row (a write cut short)", self.path, where
+                )
+        return out
+
     def rewind(self, step: int) -> None:
         """Drop rows logged after ``step`` (they belong to work a resumed run will redo)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+        keep = [line for line, row in self.rows() if row["step"] <= step]
         write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, row: dict) -> None:
@@ -213,12 +262,12 @@ class Tracker(MetricsLog):
         self.peak: float | None = None
         self.world = 1
         self.device: torch.device | None = None
+        self.info: dict[str, Any] = {}  # the W&B run's id and URL or sync folder (run_info.json, the summary)
 
     # -- resume -------------------------------------------------------------------------------------------
     def rewind(self, step: int) -> None:
         if self.enabled and self.path.exists():
-            steps = [json.loads(line)["step"] for line in self.path.read_text().splitlines() if line]
-            self.sent_before = max(steps, default=0)
+            self.sent_before = max((row["step"] for _, row in self.rows()), default=0)
         super().rewind(step)
 
     # -- start --------------------------------------------------------------------------------------------
@@ -234,11 +283,23 @@ class Tracker(MetricsLog):
     ) -> str | None:
         """Set up throughput figures (every rank) and the W&B run (main process). Returns the run id to keep
         in the training state: the checkpoint's one when resuming, a new one on a fresh start."""
+        from train import dist
+        from train.config import ConfigError
+
         self.flops_per_token = 6.0 * count_matmul_params(model)
         self.peak = peak_flops(device_name, precision) if device.type == "cuda" else None
         self.world, self.device = world, device
-        if not self.enabled or self.settings is None:
-            return run_id
+        error = None
+        if self.enabled and self.settings is not None:
+            try:
+                run_id = self._start_wandb(run_id, global_step, device_name, precision)
+            except ConfigError as e:
+                error = e
+        if dist.any_rank(error is not None):  # every rank stops, not only the one that ran wandb.init
+            raise error or ConfigError("W&B could not start on the main process (its error is printed there)")
+        return run_id
+
+    def _start_wandb(self, run_id: str | None, global_step: int, device_name: str, precision: str) -> str:
         id_file = self.out / RUN_ID_FILE
         if global_step == 0:
             run_id = None  # a fresh start is a new W&B run
@@ -248,6 +309,7 @@ class Tracker(MetricsLog):
             self.floor = self.sent_before  # W&B holds this run's history up to here
         run_id = run_id or os.environ.get("WANDB_RUN_ID") or new_run_id()
         self.wandb_run = self._init_wandb(run_id, device_name, precision)
+        self.info = self._describe_run()
         write_atomic(id_file, run_id + "\n")
         return run_id
 
@@ -272,11 +334,54 @@ class Tracker(MetricsLog):
         return config
 
     def _init_wandb(self, run_id: str, device_name: str, precision: str) -> Any:
+        """``wandb.init``, never hanging: online needs an API key and an answer within INIT_TIMEOUT_S; without
+        them a run that did not ask for online explicitly goes on offline (with the sync command), one that did
+        stops with an error."""
         import wandb
+
+        from train.config import ConfigError
 
         s = self.settings
         assert s is not None
         s.dir.mkdir(parents=True, exist_ok=True)
+        how = "tracking.wandb.mode=offline (sync later with `wandb sync`) or tracking.wandb.mode=disabled"
+        if s.mode == "online" and not has_api_key():
+            if s.required:
+                raise ConfigError(
+                    f"W&B online mode was asked for but no API key is set: run `wandb login` or export "
+                    f"WANDB_API_KEY, or use {how}"
+                )
+            log.warning("W&B: no API key (run `wandb login` or set WANDB_API_KEY): logging offline instead")
+            s.mode = "offline"
+        try:
+            return self._wandb_init(run_id, device_name, precision)
+        except (wandb.errors.Error, OSError, TimeoutError) as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if s.mode != "online" or s.required:
+                raise ConfigError(
+                    f"W&B could not start ({why}); check the network and the key, or use {how}"
+                ) from None
+            log.warning(
+                "W&B could not be reached within %d s (%s): logging offline instead", INIT_TIMEOUT_S, why
+            )
+            s.mode = "offline"
+            return self._wandb_init(run_id, device_name, precision)
+
+    def _describe_run(self) -> dict[str, Any]:
+        """Where this W&B run lives: its URL online, the folder and `wandb sync` command offline."""
+        run = self.wandb_run
+        if run is None or self.settings is None:
+            return {}
+        if self.settings.mode == "online":
+            return {"id": run.id, "mode": "online", "url": run.url}
+        sync_dir = Path(run.dir).parent  # wandb/offline-run-<time>-<id>/files -> its run folder
+        return {"id": run.id, "mode": "offline", "sync_dir": str(sync_dir)}
+
+    def _wandb_init(self, run_id: str, device_name: str, precision: str) -> Any:
+        import wandb
+
+        s = self.settings
+        assert s is not None
         run = wandb.init(
             project=s.project,
             entity=s.entity,
@@ -290,6 +395,7 @@ class Tracker(MetricsLog):
             job_type="train",
             config=self.run_config(device_name, precision),
             allow_val_change=True,
+            settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
         )
         run.define_metric(STEP_AXIS)
         run.define_metric("*", step_metric=STEP_AXIS)
