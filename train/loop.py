@@ -17,12 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from train import backend, checkpoint, data, dist
+from train.card import write_model_cards  # issue 13
 from train.config import Config, ConfigError, dump, run_folder, to_dict
+from train.curves import plot_run  # issue 13
 from train.fastpath import FastPath, attach, decide, use_fused_adamw
 from train.files import write_atomic
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer, model_inputs
 from train.nonfinite import Guard
+from train.panels import summary_numbers  # issue 13
 from train.preempt import StopFlag, requeue_if_slurm
 from train.tasks import Split, Task, get_task
 from train.tracking import Tracker
@@ -488,7 +491,7 @@ def preempt(run: Run) -> None:
 def predict(run: Run, loader) -> dict[str, np.ndarray]:
     """Predictions, labels, losses and row ids over a whole split, gathered from every rank exactly once."""
     run.model.eval()
-    parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": []}
+    parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": [], "conf": []}  # issue 13: conf
     for batch in loader:
         logits = run.fast.eval_logits(batch)
         labels = batch["labels"]
@@ -496,7 +499,8 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
             logits, labels.clamp(min=0) if not run.task.is_regression else labels, run.task.is_regression
         )
         pred = logits.float().squeeze(-1) if run.task.is_regression else logits.argmax(-1)
-        got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"]))
+        conf = pred if run.task.is_regression else logits.float().softmax(-1).amax(-1)  # issue 13: p(pred)
+        got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"], conf))
         for key, value in zip(parts, got, strict=True):
             parts[key].append(value)  # kept on the device: one host read per split, not one per batch
     return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
@@ -506,6 +510,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     results = {}
     for split, loader in run.eval_loaders.items():
         p = predict(run, loader)
+        run.metrics.eval_details(run.state.global_step, split, run.task, p)  # issue 13: W&B confusion matrix
         results[split.name] = {
             **compute_metrics(run.task, p["pred"], p["label"]),
             "loss": float(p["loss"].mean()),
@@ -577,6 +582,10 @@ def finish(run: Run) -> dict:
     }
     if run.acc.is_main_process:
         write_atomic(run.out / "eval_results.json", json.dumps(results, indent=1))  # the "finished" marker
+        write_model_cards(run.out)  # issue 13: best/README.md, final/README.md
+        plot_run(run.out)  # issue 13: curves.png (one log line instead when matplotlib is missing)
+    run.metrics.summary(summary_numbers(results, run.task))  # issue 13: W&B run summary (lead: summary block)
+    run.metrics.wrong_predictions(run.task, run.cfg.data)  # issue 13: W&B table of the best model's mistakes
     run.metrics.close()
     run.acc.wait_for_everyone()
     run.acc.end_training()
