@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 from conftest import SMOKE, run_train
+from test_outputs import assert_card_and_curves_match
 
 from train.config import load_config
 from train.tracking import read_metrics
@@ -182,3 +183,4 @@ def test_every_task_shape_end_to_end(task, files, metrics, tmp_path):
         if task == "stsb":
             assert all(0.0 <= float(p.split("\t")[1]) <= 5.0 for p in preds)
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(files)
+    assert_card_and_curves_match(tmp_path)  # issue 13: model cards and curves.png of every task shape

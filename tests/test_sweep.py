@@ -102,7 +102,12 @@ def test_plan_folders_commands_and_override_sets(tmp_path: Path, config_dir: Pat
     assert runs[0].folder == (tmp_path / "out" / "rte-s1").resolve()
     cmd = sweep.train_command(runs[1])
     assert cmd[1:5] == ["-m", "train", "--config", str(config_dir.resolve() / "rte.yaml")]
-    assert cmd[5:] == ["seed=2", f"output_dir={runs[1].folder}", "train.epochs=3"]
+    assert cmd[5:] == [
+        "seed=2",
+        f"output_dir={runs[1].folder}",
+        "tracking.wandb.sweep_name=out",
+        "train.epochs=3",
+    ]
     grid = sweep.plan(
         ["rte"],
         [1],
@@ -251,9 +256,9 @@ def test_slurm_dry_run_writes_the_list_and_prints_sbatch(tmp_path, config_dir, c
     lines = (out / sweep.LIST_FILE).read_text().splitlines()
     res, cfg = out.resolve(), config_dir.resolve()
     assert lines == [
-        f"sst2 1 config={cfg}/sst2.yaml output_dir={res}/sst2-s1 train.lr=3e-5",
-        f"sst2 2 config={cfg}/sst2.yaml output_dir={res}/sst2-s2 train.lr=3e-5",
-        f"rte 2 config={cfg}/rte.yaml output_dir={res}/rte-s2 train.lr=3e-5",
+        f"sst2 1 config={cfg}/sst2.yaml output_dir={res}/sst2-s1 tracking.wandb.sweep_name=out train.lr=3e-5",
+        f"sst2 2 config={cfg}/sst2.yaml output_dir={res}/sst2-s2 tracking.wandb.sweep_name=out train.lr=3e-5",
+        f"rte 2 config={cfg}/rte.yaml output_dir={res}/rte-s2 tracking.wandb.sweep_name=out train.lr=3e-5",
     ]
     printed = capsys.readouterr().out
     script = sweep.REPO / "slurm" / "sweep.sbatch"

@@ -78,6 +78,7 @@ FAMILY_MODULES = (
 def _warm_imports() -> None:
     """Import what every run imports (transformers and accelerate load most of it lazily, on first use)."""
     import importlib
+    import importlib.util
 
     import accelerate.utils  # noqa: F401
     import datasets  # noqa: F401
@@ -95,6 +96,12 @@ def _warm_imports() -> None:
         importlib.import_module(f"transformers.models.{name}.configuration_{name}")
     transformers.modeling_utils.PreTrainedModel  # noqa: B018
     train.cli.setup_logging  # noqa: B018
+    # the end of every run: model cards (huggingface_hub) and curves.png (matplotlib, optional)
+    import huggingface_hub.repocard  # noqa: F401
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
 
 
 def serve() -> None:

@@ -150,7 +150,18 @@ class WandbConfig:
         "online, offline (compute nodes without network; `wandb sync` later) or disabled; unset = $WANDB_MODE or online",
     )
     name: str | None = f(None, "run name; unset = <task>-<model>-s<seed>")
-    group: str | None = f(None, "run group, e.g. the sweep name")
+    group: str | None = f(
+        None, "run group; unset = tracking.wandb.sweep_name (train.sweep sets it), else none"
+    )
+    job_type: str | None = f(
+        None,
+        "run job type; unset = the task for a sweep's runs (tracking.wandb.sweep_name set), else 'train'",
+    )
+    sweep_name: str | None = f(
+        None,
+        "the train.sweep sweep this run belongs to (train.sweep sets it to its --out folder's name); "
+        "the default of group, and it makes job_type default to the task",
+    )
     tags: list[str] = f([], "run tags (comma-separated on the command line)")
     dir: str | None = f(
         None, "where W&B writes its files (a wandb/ folder inside); unset = $WANDB_DIR or output_dir"

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from train import backend, checkpoint, data, dist, runfolder, summary
+from train.card import write_model_cards
 from train.config import Config, run_folder, to_dict
+from train.curves import plot_run
 from train.fastpath import FastPath, attach, decide, use_fused_adamw
 from train.files import write_atomic
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer, model_inputs
 from train.nonfinite import Guard
+from train.panels import summary_numbers
 from train.preempt import StopFlag, requeue_if_slurm
 from train.progress import Progress
 from train.tasks import Split, Task, get_task
@@ -540,7 +543,7 @@ def preempt(run: Run) -> None:
 def predict(run: Run, loader) -> dict[str, np.ndarray]:
     """Predictions, labels, losses and row ids over a whole split, gathered from every rank exactly once."""
     run.model.eval()
-    parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": []}
+    parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": [], "conf": []}  # issue 13: conf
     for batch in loader:
         logits = run.fast.eval_logits(batch)
         labels = batch["labels"]
@@ -548,7 +551,8 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
             logits, labels.clamp(min=0) if not run.task.is_regression else labels, run.task.is_regression
         )
         pred = logits.float().squeeze(-1) if run.task.is_regression else logits.argmax(-1)
-        got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"]))
+        conf = pred if run.task.is_regression else logits.float().softmax(-1).amax(-1)  # issue 13: p(pred)
+        got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"], conf))
         for key, value in zip(parts, got, strict=True):
             parts[key].append(value)  # kept on the device: one host read per split, not one per batch
     return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
@@ -558,6 +562,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     results = {}
     for split, loader in run.eval_loaders.items():
         p = predict(run, loader)
+        run.metrics.eval_details(run.state.global_step, split, run.task, p)  # issue 13: W&B confusion matrix
         results[split.name] = {
             **compute_metrics(run.task, p["pred"], p["label"]),
             "loss": float(p["loss"].mean()),
@@ -636,7 +641,13 @@ def finish(run: Run) -> dict:
     if run.acc.is_main_process:
         update_run_info(run, **end_info(run))  # train time, throughput, where W&B keeps the run
         write_atomic(run.out / "eval_results.json", json.dumps(results, indent=1))  # the "finished" marker
+        write_model_cards(run.out)  # best/README.md, final/README.md (the Hub's model-card format)
+        plot_run(run.out)  # curves.png (one log line instead when matplotlib is missing)
         log.info("\n".join(summary.lines(run.out)))
+    speed = run.info.get("throughput") or {}
+    timing = {"train_time_s": run.info.get("train_time_s"), **{f"perf/mean_{k}": v for k, v in speed.items()}}
+    run.metrics.summary({**summary_numbers(results, run.task), **timing})  # the summary block's numbers in W&B
+    run.metrics.wrong_predictions(run.task, run.cfg.data)  # W&B table of the best model's mistakes
     run.metrics.close()
     run.acc.wait_for_everyone()
     run.acc.end_training()

@@ -628,7 +628,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("dir", help="sweep folder (every eval_results.json below it is read)")
+    p.add_argument(
+        "dir",
+        help="sweep folder (every eval_results.json below it is read), or one run folder: its curves.png",
+    )
     p.add_argument(
         "--which",
         choices=["best", "final"],
@@ -648,6 +651,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from train import curves  # issue 13: a single run folder -> its curves.png
+
+    if curves.is_run_folder(args.dir):
+        return curves.report_single(args.dir, args.out)
     if not Path(args.dir).is_dir():
         print(f"error: {args.dir} is not a folder", file=sys.stderr)
         return 2

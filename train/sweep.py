@@ -240,8 +240,19 @@ def check_plan(runs: list[SweepRun]) -> list[str]:
     return warnings
 
 
+def sweep_override(run: SweepRun) -> str:
+    """Names the sweep in each run's config: W&B groups the runs by it and types them by task (train/tracking.py),
+    unless tracking.wandb.group / job_type are set. Before the user's overrides, so a later one wins."""
+    import yaml
+
+    name = run.folder.parent.name
+    if not isinstance(yaml.safe_load(name), str):  # a folder called 2024, true or null stays a name
+        name = json.dumps(name)
+    return f"tracking.wandb.sweep_name={name}"
+
+
 def train_overrides(run: SweepRun) -> list[str]:
-    return [f"seed={run.seed}", f"output_dir={run.folder}", *run.overrides]
+    return [f"seed={run.seed}", f"output_dir={run.folder}", sweep_override(run), *run.overrides]
 
 
 def train_command(run: SweepRun) -> list[str]:
@@ -462,7 +473,14 @@ def slurm_line(run: SweepRun) -> str:
     sweep's config file (the script then also sets ``data.task=<task>``, which the file already says).
     """
     configs = [f"config={c}" for c in run.configs]
-    fields = [run.task, str(run.seed), *configs, f"output_dir={run.folder}", *run.overrides]
+    fields = [
+        run.task,
+        str(run.seed),
+        *configs,
+        f"output_dir={run.folder}",
+        sweep_override(run),
+        *run.overrides,
+    ]
     spaced = [f for f in fields if any(c.isspace() for c in f)]
     if spaced:
         raise SweepError(

@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from train.config import Config
+    from train.config import Config, DataConfig
+    from train.tasks import Split, Task
 
+from train import panels
 from train.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,7 @@ class WandbSettings:
     group: str | None
     tags: list[str]
     dir: Path
+    job_type: str = "train"
     required: bool = False  # online asked for explicitly: no silent fallback to offline
 
 
@@ -164,14 +168,18 @@ def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None)
 
     name = wb.name or f"{cfg.data.task}-{model_short_name(cfg.model.name_or_path)}-s{cfg.seed}"
     where = Path(wb.dir or env.get("WANDB_DIR") or out)
+    # a sweep's runs (train.sweep sets sweep_name) are grouped by sweep and typed by task unless set otherwise
+    group = wb.group or wb.sweep_name
+    job_type = wb.job_type or (cfg.data.task if wb.sweep_name else "train")
     return WandbSettings(
         project,
         wb.entity or env.get("WANDB_ENTITY") or None,
         mode,
         name,
-        wb.group,
+        group,
         list(wb.tags),
         where,
+        job_type,
         required,
     )
 
@@ -246,9 +254,10 @@ class MetricsLog:
 class Tracker(MetricsLog):
     """``metrics.jsonl`` on the main process, plus a W&B run there when configured; throughput figures.
 
-    Life cycle (called by the loop): ``rewind`` (resume) -> ``start`` -> ``throughput``/``write``/``best``
-    -> ``close``. Config problems (bad mode, wandb missing) are raised as ``ConfigError`` on every rank at
-    construction, before any collective, so no rank is left waiting.
+    Life cycle (called by the loop): ``rewind`` (resume) -> ``start`` -> ``throughput``/``write``/
+    ``eval_details``/``best`` -> ``summary``/``wrong_predictions`` -> ``close``. Config problems (bad mode, wandb
+    missing) are raised as ``ConfigError`` on every rank at construction, before any collective, so no rank is left
+    waiting.
     """
 
     def __init__(self, cfg: Config, out: Path, main: bool):
@@ -263,6 +272,9 @@ class Tracker(MetricsLog):
         self.world = 1
         self.device: torch.device | None = None
         self.info: dict[str, Any] = {}  # the W&B run's id and URL or sync folder (run_info.json, the summary)
+        self.last_step = 0  # the last step sent to W&B
+        self.last_preds: dict[str, dict] = {}  # dev split -> predictions of the latest evaluation (W&B on)
+        self.best_preds: dict[str, dict] = {}  # the same for the best evaluation (best/)
 
     # -- resume -------------------------------------------------------------------------------------------
     def rewind(self, step: int) -> None:
@@ -392,7 +404,7 @@ class Tracker(MetricsLog):
             resume="allow",
             dir=str(s.dir),
             mode=s.mode,
-            job_type="train",
+            job_type=s.job_type,
             config=self.run_config(device_name, precision),
             allow_val_change=True,
             settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
@@ -435,6 +447,7 @@ class Tracker(MetricsLog):
         data.setdefault("train/epoch", row.get("epoch"))
         data[STEP_AXIS] = step
         self.wandb_run.log(data, step=step)
+        self.last_step = max(self.last_step, step)
 
     def best(self, row: dict) -> None:
         """Put the best evaluation so far (an eval row) into the run summary as ``best/<metric>``."""
@@ -443,6 +456,50 @@ class Tracker(MetricsLog):
         summary = {f"best/{k.removeprefix('eval/')}": v for k, v in row.items() if k.startswith("eval/")}
         summary.update({"best/step": row["step"], "best/epoch": row["epoch"]})
         self.wandb_run.summary.update(summary)
+        self.best_preds = dict(self.last_preds)  # the predictions of this (best) evaluation, for the table
+
+    # -- panels beyond the scalars (train/panels.py) ---------------------------------------------------------
+    def eval_details(self, step: int, split: Split, task: Task, p: dict[str, np.ndarray]) -> None:
+        """One dev split of one evaluation (``p``: the loop's gathered host arrays ``pred``/``label``/``idx``/
+        ``conf``): its confusion matrix in W&B (classification tasks), and the predictions kept for the table of
+        the best model's mistakes. Costs nothing without W&B and nothing on the device (the arrays are host)."""
+        if self.wandb_run is None or task.is_regression:
+            return
+        self.last_preds[split.name] = {k: p[k] for k in ("pred", "label", "idx", "conf") if k in p}
+        if step <= self.floor:
+            return
+        import wandb
+
+        chart = wandb.plot.confusion_matrix(
+            y_true=[int(x) for x in p["label"]],
+            preds=[int(x) for x in p["pred"]],
+            class_names=list(task.labels),
+            title=f"{task.name} {split.name}: confusion matrix",
+        )
+        self.wandb_run.log({f"eval/confusion_matrix{split.suffix}": chart, STEP_AXIS: step}, step=step)
+        self.last_step = max(self.last_step, step)
+
+    def wrong_predictions(self, task: Task, data_cfg: DataConfig, limit: int = panels.WRONG_LIMIT) -> None:
+        """``best/wrong_predictions``: a table of up to ``limit`` rows of the first dev split that the best
+        model gets wrong (idx, text, gold, prediction, confidence), most confident first. Classification only."""
+        if self.wandb_run is None or task.is_regression:
+            return
+        split = task.split("dev")[0]
+        p = self.best_preds.get(split.name)
+        if p is None:  # the best evaluation happened before a restart: its predictions died with that process
+            log.info("no wrong-predictions table: the best evaluation was not made by this process")
+            return
+        import wandb
+
+        rows = panels.wrong_rows(task, panels.dev_texts(data_cfg, task, split), p, limit)
+        table = wandb.Table(columns=panels.WRONG_COLUMNS, data=rows)
+        step = max(self.last_step, self.floor + 1)  # never below what W&B already holds
+        self.wandb_run.log({"best/wrong_predictions": table, STEP_AXIS: step}, step=step)
+
+    def summary(self, numbers: dict[str, Any]) -> None:
+        """Put ``numbers`` (the end-of-run summary: final/best metrics, times, throughput) into the run summary."""
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(numbers)
 
     def close(self, preempted: bool = False) -> None:
         """Finish the W&B run (marked as preempted when the job will be requeued)."""
