@@ -203,7 +203,7 @@ def test_offline_run_records_config_history_summary(offline_run):
     cfg, info = wb.config, wb.config["run"]
     assert cfg["data"]["task"] == "sst2" and cfg["train"]["effective_batch_size"] == 16
     assert cfg["train"]["max_steps"] == 12 and cfg["tracking"]["wandb"]["project"] == "glue-test"
-    assert cfg["precision"] == "no"  # resolved, not "auto"
+    assert cfg["precision"] == "auto"  # the config as asked for; what it meant is in run (below)
     assert info["world_size"] == 1 and info["per_device_batch_size"] == 16 and info["grad_accum_steps"] == 1
     assert info["device"] == "cpu" and info["precision"] == "no"
     assert {"torch", "transformers", "accelerate", "wandb"} <= set(info["versions"])

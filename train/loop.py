@@ -543,7 +543,7 @@ def preempt(run: Run) -> None:
 def predict(run: Run, loader) -> dict[str, np.ndarray]:
     """Predictions, labels, losses and row ids over a whole split, gathered from every rank exactly once."""
     run.model.eval()
-    parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": [], "conf": []}  # issue 13: conf
+    parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": [], "conf": []}
     for batch in loader:
         logits = run.fast.eval_logits(batch)
         labels = batch["labels"]
@@ -551,7 +551,7 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
             logits, labels.clamp(min=0) if not run.task.is_regression else labels, run.task.is_regression
         )
         pred = logits.float().squeeze(-1) if run.task.is_regression else logits.argmax(-1)
-        conf = pred if run.task.is_regression else logits.float().softmax(-1).amax(-1)  # issue 13: p(pred)
+        conf = pred if run.task.is_regression else logits.float().softmax(-1).amax(-1)  # p(pred), for the W&B table
         got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"], conf))
         for key, value in zip(parts, got, strict=True):
             parts[key].append(value)  # kept on the device: one host read per split, not one per batch
@@ -562,7 +562,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     results = {}
     for split, loader in run.eval_loaders.items():
         p = predict(run, loader)
-        run.metrics.eval_details(run.state.global_step, split, run.task, p)  # issue 13: W&B confusion matrix
+        run.metrics.eval_details(run.state.global_step, split, run.task, p)  # W&B confusion matrix
         results[split.name] = {
             **compute_metrics(run.task, p["pred"], p["label"]),
             "loss": float(p["loss"].mean()),

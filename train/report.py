@@ -651,7 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from train import curves  # issue 13: a single run folder -> its curves.png
+    from train import curves  # a single run folder -> its curves.png
 
     if curves.is_run_folder(args.dir):
         return curves.report_single(args.dir, args.out)
