@@ -551,7 +551,9 @@ def predict(run: Run, loader) -> dict[str, np.ndarray]:
             logits, labels.clamp(min=0) if not run.task.is_regression else labels, run.task.is_regression
         )
         pred = logits.float().squeeze(-1) if run.task.is_regression else logits.argmax(-1)
-        conf = pred if run.task.is_regression else logits.float().softmax(-1).amax(-1)  # p(pred), for the W&B table
+        conf = (
+            pred if run.task.is_regression else logits.float().softmax(-1).amax(-1)
+        )  # p(pred), for the W&B table
         got = run.acc.gather_for_metrics((pred, labels, losses, batch["idx"], conf))
         for key, value in zip(parts, got, strict=True):
             parts[key].append(value)  # kept on the device: one host read per split, not one per batch
@@ -646,7 +648,9 @@ def finish(run: Run) -> dict:
         log.info("\n".join(summary.lines(run.out)))
     speed = run.info.get("throughput") or {}
     timing = {"train_time_s": run.info.get("train_time_s"), **{f"perf/mean_{k}": v for k, v in speed.items()}}
-    run.metrics.summary({**summary_numbers(results, run.task), **timing})  # the summary block's numbers in W&B
+    run.metrics.summary(
+        {**summary_numbers(results, run.task), **timing}
+    )  # the summary block's numbers in W&B
     run.metrics.wrong_predictions(run.task, run.cfg.data)  # W&B table of the best model's mistakes
     run.metrics.close()
     run.acc.wait_for_everyone()

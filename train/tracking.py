@@ -377,6 +377,7 @@ class Tracker(MetricsLog):
                 "W&B could not be reached within %d s (%s): logging offline instead", INIT_TIMEOUT_S, why
             )
             s.mode = "offline"
+            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service process
             return self._wandb_init(run_id, device_name, precision)
 
     def _describe_run(self) -> dict[str, Any]:
@@ -390,6 +391,8 @@ class Tracker(MetricsLog):
         return {"id": run.id, "mode": "offline", "sync_dir": str(sync_dir)}
 
     def _wandb_init(self, run_id: str, device_name: str, precision: str) -> Any:
+        for key in [k for k, v in os.environ.items() if k.startswith("WANDB_") and not v.strip()]:
+            del os.environ[key]  # an empty WANDB_MODE= means unset to us; wandb would reject it
         import wandb
 
         s = self.settings
