@@ -43,6 +43,22 @@ def test_smoke_writes_every_output(smoke_run):
     assert "effective batch 16 = 16 per device x 1 accumulation x 1 processes" in log
 
 
+NOISE = ("LOAD REPORT", "Setting accelerator to CPU", "Writing model shards", "Loading weights", "\r")
+
+
+def test_the_log_says_where_and_what(smoke_run):
+    """Output to a file (as under SLURM): the run folder, plain progress lines, the summary; no third-party noise."""
+    out, proc = smoke_run
+    log = proc.stderr
+    assert not [n for n in NOISE if n in log], [n for n in NOISE if n in log]
+    assert f"run folder  {out.resolve()}" in log and "start       fresh" in log
+    assert "step 4/64 · epoch 0.12 · loss " in log and " samples/s · ETA " in log
+    best = json.loads((out / "eval_results.json").read_text())["best"]["splits"]["validation"]["accuracy"]
+    tail = log[log.index("==== run finished") :]
+    assert f"best dev    accuracy {best:.4f}" in tail and f"folder      {out.resolve()}" in tail
+    assert "predictions SST-2.tsv" in tail and "curves.png" in tail
+
+
 def test_smoke_metrics_and_results(smoke_run):
     out, _ = smoke_run
     rows = read_metrics(out / "metrics.jsonl")
@@ -128,7 +144,7 @@ def test_two_process_eval_is_exact(tmp_path):
         "eval.every_epoch=false",
     ]
     run_train([*common, f"output_dir={tmp_path / 'one'}"])
-    run_train([*common, f"output_dir={tmp_path / 'two'}"], nproc=2)
+    two_proc = run_train([*common, f"output_dir={tmp_path / 'two'}"], nproc=2)
     one = json.loads((tmp_path / "one" / "eval_results.json").read_text())["final"]["splits"]["validation"]
     two = json.loads((tmp_path / "two" / "eval_results.json").read_text())["final"]["splits"]["validation"]
     assert one["accuracy"] == two["accuracy"]
@@ -138,6 +154,10 @@ def test_two_process_eval_is_exact(tmp_path):
     ).read_text()
     info = json.loads((tmp_path / "two" / "run_info.json").read_text())
     assert info["world_size"] == 2
+    log = two_proc.stdout + two_proc.stderr  # two processes: each message once, from rank 0
+    for line in ("run folder  ", "==== run finished", "model inputs: ", "newly initialised: ", "eval at step 3"):
+        assert log.count(line) == 1, (line, log[-3000:])
+    assert "[rank1]" not in log and not [n for n in NOISE if n in log]
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["data"]["max_eval_samples"] == 91
 
 
