@@ -255,10 +255,10 @@ def test_no_head_and_remote_code_get_clear_answers(families, tmp_path):
         (marian, "is a 'marian' model, which has no sequence-classification head"),
         (custom, "set model.trust_remote_code=true"),
     ):
-        proc = _run(model, "sst2", tmp_path / model.name, check=False)
+        proc = _run(model, "sst2", tmp_path / f"{model.name}-run", check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.count("error: ") == 1 and expect in proc.stderr, proc.stderr[-2000:]
-        assert not (tmp_path / model.name / "eval_results.json").exists()
+        assert not (tmp_path / f"{model.name}-run").exists()
     _run(custom, "sst2", tmp_path / "trusted", "model.trust_remote_code=true")
     assert (
         json.loads((tmp_path / "trusted" / "final" / "config.json").read_text())["model_type"]

@@ -155,7 +155,13 @@ def test_two_process_eval_is_exact(tmp_path):
     info = json.loads((tmp_path / "two" / "run_info.json").read_text())
     assert info["world_size"] == 2
     log = two_proc.stdout + two_proc.stderr  # two processes: each message once, from rank 0
-    for line in ("run folder  ", "==== run finished", "model inputs: ", "newly initialised: ", "eval at step 3"):
+    for line in (
+        "run folder  ",
+        "==== run finished",
+        "model inputs: ",
+        "newly initialised: ",
+        "eval at step 3",
+    ):
         assert log.count(line) == 1, (line, log[-3000:])
     assert "[rank1]" not in log and not [n for n in NOISE if n in log]
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["data"]["max_eval_samples"] == 91

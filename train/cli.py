@@ -104,7 +104,7 @@ def setup_logging() -> None:
         format=f"%(asctime)s [rank{rank()}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     deepspeed_level = logging.WARNING if uses_deepspeed and rank() == 0 else logging.ERROR

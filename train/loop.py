@@ -81,7 +81,7 @@ class Run:
         None  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
     )
     guard: Guard | None = None  # non-finite loss/grad policy (train/nonfinite.py)
-    bar: object = None  # progress bar over optimizer steps, main process only
+    bar: Progress | None = None  # progress over optimizer steps (train/progress.py), main process only
     stopping: bool = False  # every rank agreed to stop (a signal reached at least one of them)
     precision: str = "no"  # what the run computes in (cfg.precision may say auto)
     info: dict = field(
@@ -258,6 +258,7 @@ def setup(cfg: Config) -> Run | None:
     run.stop.install()
     run.guard = Guard(acc, model, precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out))
     resumed = resume(run, start)
+    run.bar = Progress(total, run.state.global_step, f"train {task.name}", acc.is_main_process)
     run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
     write_run_info(run, d.train_rows, d.sampler.steps_per_epoch())
     run.state.wandb_run_id = run.metrics.start(
@@ -380,9 +381,6 @@ def forward(run: Run, batch: dict) -> torch.Tensor:
 
 def train(run: Run) -> dict | None:
     """Train to the end (returns eval_results) or until a stop signal (returns None after checkpointing)."""
-    run.bar = Progress(
-        run.total_steps, run.state.global_step, f"train {run.task.name}", run.acc.is_main_process
-    )
     with run.bar.redirect():
         return _train(run)
 

@@ -32,20 +32,22 @@ class Progress:
         self.loss: float | None = None
         self.lr: float | None = None
         self.rate: float | None = None  # samples/s of the last log window
-        self.bar = None
-        if self.tty:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=initial, desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True
-            )
+        self.desc = desc
+        self.bar = None  # the tqdm bar, opened by redirect() (so nothing is drawn before training starts)
 
     def redirect(self):
-        """On a terminal, log lines print above the bar instead of through it."""
-        if self.bar is None:
+        """Open the bar (on a terminal) and print log lines above it instead of through it."""
+        if not self.tty:
             return contextlib.nullcontext()
+        from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        if self.bar is None:
+            self.t0 = time.monotonic()
+            kw = dict(
+                total=self.total, initial=self.initial, unit="step", mininterval=2.0, dynamic_ncols=True
+            )
+            self.bar = tqdm(desc=self.desc, **kw)
         return logging_redirect_tqdm()
 
     def update(self, step: int, epoch: float) -> None:
