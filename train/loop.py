@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from train import backend, checkpoint, data, dist
 from train.config import Config, ConfigError, dump, run_folder, to_dict
-from train.fastpath import FastPath, attach, decide, use_fused_adamw
+from train.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
 from train.files import write_atomic
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer, model_inputs
@@ -150,7 +150,6 @@ def setup(cfg: Config) -> Run:
     )
     acc = dist.make_accelerator(cfg.precision, layout.accum)
     cfg.precision = acc.mixed_precision if acc.mixed_precision != "no" else "no"
-    fast = decide(cfg, acc.device, dist.uses_deepspeed(), layout.world)  # logged (with its reason) by attach
     out = output_dir(cfg)
     check_output_dir(cfg, out)
     acc.wait_for_everyone()
@@ -169,6 +168,8 @@ def setup(cfg: Config) -> Run:
     train_ds = data.tokenize_split(cfg.data, task, splits["train"][0], tokenizer, main_first)
     if cfg.data.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
+    # fast path or eager, and why (logged by attach): device, backend, and whether compiling pays off
+    fast = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(train_ds))
     collate = data.make_collator(
         inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=fast.buckets
     )
@@ -284,6 +285,7 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": run.total_steps,
+        **run.fast.run_info(),  # fast_path, compile_s, compile_cache (train/fastpath.py)
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
