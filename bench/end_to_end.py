@@ -106,7 +106,18 @@ def loop_result(out: Path, primary: str) -> dict:
     }
 
 
-def run(a: argparse.Namespace, stdout) -> int:
+def paths_of(a: argparse.Namespace) -> tuple[list[str], set[str]]:
+    paths = [p for p in a.paths.split(",") if p]
+    warm_paths = {p for p in a.warm_paths.split(",") if p}
+    for p in (*paths, *warm_paths):
+        if p not in ct.PATHS:
+            raise SystemExit(f"--paths/--warm-paths: unknown path {p!r} (choose from {', '.join(ct.PATHS)})")
+    return paths, warm_paths
+
+
+def setup(a: argparse.Namespace, root: Path) -> tuple[dict, dict]:
+    """The model folder and the tokenized rows (untimed, as ``python -m train.prepare`` before a sweep), and
+    what every run shares: ``ctx`` (to launch it) and ``common`` (the fields of every JSON line)."""
     from train import data
     from train.config import load_config
     from train.model import load_tokenizer
@@ -114,21 +125,12 @@ def run(a: argparse.Namespace, stdout) -> int:
 
     if not a.task_dir:
         raise SystemExit("--end-to-end needs --task-dir (a GLUE task folder, e.g. ../shared/glue/RTE)")
-    paths = [p for p in a.paths.split(",") if p]
-    warm_paths = {p for p in a.warm_paths.split(",") if p}
-    for p in (*paths, *warm_paths):
-        if p not in ct.PATHS:
-            raise SystemExit(f"--paths/--warm-paths: unknown path {p!r} (choose from {', '.join(ct.PATHS)})")
     folder = Path(a.task_dir).resolve()
     task_name = ct.task_of_folder(folder)
     task = get_task(task_name)
-    root = Path(a.workdir).resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    root.mkdir(parents=True, exist_ok=True)
     model_dir = ct.make_model_dir(a.model, root, task.num_labels or 1, a.seed)
     base = data_overrides(a, task_name, folder.parent, model_dir, root)
-
-    # tokenize once, untimed (python -m train.prepare before a sweep): every run reads these cached rows
-    cfg = load_config(None, [*base, f"train.epochs={a.epochs}", *_max_steps(a)])
+    cfg = load_config(None, base)
     tokenizer = load_tokenizer(cfg)
     for split in (*task.split("train"), *task.split("dev")):
         data.tokenize_split(cfg.data, task, split, tokenizer)
@@ -136,7 +138,13 @@ def run(a: argparse.Namespace, stdout) -> int:
     precision = a.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    primary = task.split("dev")[0].name
+    ctx = {
+        "base": base,
+        "model_dir": model_dir,
+        "task": task_name,
+        "precision": precision,
+        "primary": task.split("dev")[0].name,
+    }
     common = {
         "task": task_name,
         "task_dir": str(folder),
@@ -150,13 +158,14 @@ def run(a: argparse.Namespace, stdout) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
         "versions": ct.versions(),
     }
-    ctx = {
-        "base": base,
-        "model_dir": model_dir,
-        "task": task_name,
-        "precision": precision,
-        "primary": primary,
-    }
+    return ctx, common
+
+
+def run(a: argparse.Namespace, stdout) -> int:
+    paths, warm_paths = paths_of(a)
+    root = Path(a.workdir).resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    root.mkdir(parents=True, exist_ok=True)
+    ctx, common = setup(a, root)
     walls: dict[tuple[str, str], float] = {}
     for path in paths:
         compile_dir = root / f"compile-{path}"

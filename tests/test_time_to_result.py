@@ -82,7 +82,14 @@ def test_cache_folder_defaults_beside_the_tokenized_cache(tmp_path, monkeypatch)
 
 
 def test_cache_records_and_warm_detection(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(tmp_path)))
+    from torch.compiler._cache import CacheArtifactManager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored after the test
+    with CacheArtifactManager.with_fresh_cache():  # nothing compiled in this process so far, as in a new run
+        _records_and_warm_detection(tmp_path)
+
+
+def _records_and_warm_detection(tmp_path: Path) -> None:
     cache = CompileCache(tmp_path / "c", "k1", {"model": "tiny"})
     assert cache.prepare() == CacheState()  # nothing recorded: cold, never measured
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c")  # torch's caches now live there
