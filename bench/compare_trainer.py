@@ -3,6 +3,7 @@
     python bench/compare_trainer.py                                  # random bert-base shape, MNLI-like lengths
     python bench/compare_trainer.py --lengths fixed128 --out bench/results/x.jsonl
     python bench/compare_trainer.py --model tiny --steps 5 --warmup 2 --fast-backend aot_eager   # CPU smoke
+    python bench/compare_trainer.py --end-to-end --task-dir ../shared/glue/RTE   # process start -> dev results
 
 Prints one JSON line per path (``trainer``, ``loop_eager``, ``loop_fast``) on stdout; logs go to stderr.
 
@@ -117,6 +118,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after timing, profile 20 more steps of each loop path with torch.profiler: a table of the "
         "top ops on stderr and in DIR/<path>.txt, and a Chrome trace DIR/<path>.json (where the step's time goes)",
     )
+    p.add_argument(
+        "--cache-dir",
+        help="the fast path's compile cache (fast.cache_dir; default: a fresh folder in the work dir, i.e. cold)",
+    )
+    e2e = p.add_argument_group(
+        "end to end (bench/end_to_end.py): wall seconds from process start to the dev results of a full run"
+    )
+    e2e.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="per path, a fresh process per run (cold compile cache, then warm), timed to its dev results",
+    )
+    e2e.add_argument("--task-dir", help="the GLUE task folder to train on (e.g. ../shared/glue/RTE)")
+    e2e.add_argument("--epochs", type=int, default=5, help="training epochs (the program's default: 5)")
+    e2e.add_argument("--max-train-samples", type=int, help="train on the first N rows only")
+    e2e.add_argument("--max-steps", type=int, help="stop after N optimizer steps (caps --epochs)")
+    e2e.add_argument(
+        "--warm-paths",
+        default=",".join(PATHS),
+        help="the paths that also get a warm run (a second run with the same compile cache)",
+    )
+    e2e.add_argument("--child-trainer", help=argparse.SUPPRESS)  # internal: one Trainer run (a JSON spec)
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument(
         "--workdir", help="keep the model, data and run folders here (default: a temp dir, removed)"
@@ -253,35 +276,42 @@ def free() -> None:
 # the paths
 
 
+def trainer_dataset(train_ds, tokenizer, model, padding: str, max_length: int):
+    """The tokenized rows as the Trainer takes them: the model's own input fields (train/model.py's
+    ``model_inputs``, never assumed BERT names), ``labels``; and the collator for ``padding``."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    from train.model import model_inputs
+
+    inputs = model_inputs(tokenizer, model)
+    keep = {*inputs.fields, "label"}
+    ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in keep])
+    ds = ds.rename_column("label", "labels")
+    if padding != "max_length":
+        return ds, DataCollatorWithPadding(tokenizer)  # pads every field the tokenizer knows, and the mask
+
+    def pad_row(r: dict) -> dict:
+        n = len(r["input_ids"])
+        out = {name: r[name] + [inputs.pad[name]] * (max_length - n) for name in inputs.fields}
+        if inputs.mask:
+            out["attention_mask"] = [1] * n + [0] * (max_length - n)
+        return out
+
+    return ds.map(pad_row), default_data_collator
+
+
 def run_trainer(a: argparse.Namespace, model_dir: Path, train_ds, root: Path, precision: str) -> dict:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        DataCollatorWithPadding,
         Trainer,
         TrainerCallback,
         TrainingArguments,
-        default_data_collator,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the files the loop loads too
-    ds = train_ds.rename_column("label", "labels").remove_columns(["idx"])
-    if a.trainer_padding == "max_length":
-
-        def pad_row(r: dict) -> dict:
-            n = len(r["input_ids"])
-            pad = a.max_length - n
-            return {
-                "input_ids": r["input_ids"] + [tokenizer.pad_token_id] * pad,
-                "token_type_ids": r["token_type_ids"] + [0] * pad,
-                "attention_mask": [1] * n + [0] * pad,
-            }
-
-        ds = ds.map(pad_row)
-        collator = default_data_collator
-    else:
-        collator = DataCollatorWithPadding(tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    ds, collator = trainer_dataset(train_ds, tokenizer, model, a.trainer_padding, a.max_length)
     total = a.warmup + a.steps
     marks: dict[int, float] = {}
 
@@ -346,6 +376,7 @@ def run_loop(
         "checkpoint.resume=never",
         f"fast.enabled={'true' if fast else 'false'}",
         f"fast.backend={a.fast_backend}",
+        *([f"fast.cache_dir={a.cache_dir}"] if a.cache_dir else []),
         *(a.fast if fast else []),
     ]
     cfg = load_config(None, overrides)
@@ -379,7 +410,7 @@ def run_loop(
         "device": device,
         "model": run.acc.unwrap_model(run.model),
         "setup_s": t1 - t0 - compile_s,
-        "fast_path": run.fast.decision.describe(),
+        **run.fast.run_info(),  # fast_path, compile_s, compile_cache
         **run.fast.metrics(),
     }
     run.acc.end_training()
@@ -416,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     stdout, sys.stdout = sys.stdout, sys.stderr  # only the JSON lines go to stdout (the Trainer prints too)
     try:
+        if a.child_trainer or a.end_to_end:
+            import end_to_end  # bench/end_to_end.py (this script's folder is on sys.path)
+
+            return end_to_end.child_trainer(a) if a.child_trainer else end_to_end.run(a, stdout)
         return measure(a, stdout)
     finally:
         sys.stdout = stdout

@@ -178,7 +178,8 @@ class FastConfig:
     enabled: bool | Literal["auto"] = f(
         "auto",
         "fast path (torch.compile + CUDA graphs, bucketed padding, fused AdamW; train/fastpath.py): auto = on for "
-        "CUDA without DeepSpeed; true forces it (CPU too: compile only); the reason is logged when it is off",
+        "CUDA without DeepSpeed when compiling pays off for the run's steps (cold/warm compile cache); true forces "
+        "it (CPU too: compile only); the reason is logged when it is off",
     )
     compile: bool = f(True, "fast path: torch.compile forward+loss (+backward) for train and eval")
     compile_mode: Literal[
@@ -197,6 +198,11 @@ class FastConfig:
     fused_adamw: bool = f(True, "fast path: torch.optim.AdamW(fused=True), one kernel for the whole update")
     precompile: bool = f(
         True, "fast path: compile every bucket shape before the first step (no compiles later)"
+    )
+    cache_dir: str | None = f(
+        None,
+        "torch.compile's caches (inductor, AOTAutograd, mega-cache), shared by every run and rank; unset = "
+        "compile/ beside the tokenized cache (data.cache_dir or $GLUE_TRAIN_CACHE or ~/.cache/glue-train)",
     )
 
 

@@ -21,6 +21,12 @@ which is how the CPU tests check the compiled graphs against eager.
 
 Bucketed padding does not change the math for the real tokens: padded key positions get an additive
 ``-inf``-like mask and the classifier reads position 0 only; ``tests/test_fastpath.py`` checks it.
+
+Time to result (issue 16): compiling costs minutes with a cold cache, seconds with a warm one, and the compiled
+step saves tens of milliseconds per step, so for a short run on a cold cache the eager loop reaches its results
+first. ``fast.enabled=auto`` weighs the two (:func:`auto_pays_off`) with the run's planned optimizer steps and
+the state of the shared compile cache (train/compile_cache.py), logs the reason, and takes the eager step when
+compiling cannot pay off.
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ from typing import Any
 
 import torch
 
+from train.compile_cache import CacheState, CompileCache, compile_key, lookups_since
+from train.compile_cache import cache_dir as compile_cache_dir
+from train.compile_cache import counters as cache_counters
 from train.config import Config
-from train.data import Inputs
+from train.data import Inputs, Layout
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ class Decision:
     cudagraphs: bool = False
     fused_adamw: bool = False
     buckets: tuple[int, ...] | None = None
+    cache: CompileCache | None = None  # the shared compile cache and this run's compile key
+    cache_state: CacheState | None = None  # what it held before compiling
 
     def describe(self) -> str:
         if not self.enabled:
@@ -81,8 +92,20 @@ class Decision:
         return f"fast path on ({self.reason}): " + ", ".join(parts)
 
 
-def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> Decision:
-    """Whether and how to use the fast path on this device and backend."""
+def decide(
+    cfg: Config,
+    device: torch.device,
+    deepspeed: bool,
+    world: int,
+    steps: int | None = None,
+    cache: CacheState | None = None,
+) -> Decision:
+    """Whether and how to use the fast path on this device and backend.
+
+    With ``steps`` (the run's planned optimizer steps) and ``cache`` (the compile cache's state for this run),
+    ``fast.enabled=auto`` also asks whether compiling pays off (:func:`auto_pays_off`) and takes the eager path
+    when it cannot; ``fast.enabled=true`` always compiles.
+    """
     fc = cfg.fast
     cuda = device.type == "cuda"
     if fc.enabled is False:
@@ -110,6 +133,11 @@ def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> De
         mode = None  # modes are inductor options; other backends (aot_eager, eager) take none
     cudagraphs = cuda and fc.compile and mode in ("reduce-overhead", "max-autotune")
     buckets = bucket_lengths(cfg.data.max_length, fc.bucket_multiple, fc.buckets)
+    if fc.enabled == "auto" and fc.compile and steps is not None and cache is not None:
+        pays, why = auto_pays_off(device.type, steps, 2 * len(buckets), cache)
+        if not pays:
+            return Decision(False, why)
+        reason += f"; {why}"
     return Decision(
         True,
         reason,
@@ -120,6 +148,124 @@ def decide(cfg: Config, device: torch.device, deepspeed: bool, world: int) -> De
         fused_adamw=fc.fused_adamw and device.type in ("cuda", "cpu"),
         buckets=buckets,
     )
+
+
+# ``fast.enabled=auto``'s cost model (issue 16). Estimates, calibrated where measured; bench/README.md has the
+# numbers they come from, and ``bench/compare_trainer.py --end-to-end`` measures the real thing per machine.
+COLD_S_PER_SHAPE = {"cuda": 20.0, "cpu": 40.0}  # compiling one (bucket x train/eval) shape with a cold cache
+WARM_FRACTION = 0.1  # a warm cache's compile time / a cold one's (CPU, tiny model, 8 shapes: 23 s / 333 s)
+SAVED_S_PER_STEP = {"cuda": 0.03}  # eager step - compiled step, bert-base at batch 16 (none on CPU)
+
+
+def estimate_compile_s(device_type: str, shapes: int, cache: CacheState) -> tuple[float, str]:
+    """Seconds compiling ``shapes`` shapes will take before the first step, and where the number comes from."""
+    if cache.warm and cache.warm_s is not None:
+        return cache.warm_s, "warm cache, as measured the last time"
+    if not cache.warm and cache.cold_s is not None:
+        return cache.cold_s, "cold cache, as measured the last time"
+    cold = cache.cold_s if cache.cold_s is not None else shapes * COLD_S_PER_SHAPE.get(device_type, 40.0)
+    if cache.warm:
+        return cold * WARM_FRACTION, f"warm cache: {WARM_FRACTION:g} x the cold compile"
+    return cold, f"cold cache: {shapes} shapes x {COLD_S_PER_SHAPE.get(device_type, 40.0):g} s"
+
+
+def auto_pays_off(device_type: str, steps: int, shapes: int, cache: CacheState) -> tuple[bool, str]:
+    """``fast.enabled=auto``'s rule: compile only if the time it saves exceeds the time it costs.
+
+    cost = the estimated compile seconds (:func:`estimate_compile_s`: this compile key's last measured compile
+    in the same cache state, else ``shapes x COLD_S_PER_SHAPE``, times ``WARM_FRACTION`` on a warm cache);
+    saving = ``steps x SAVED_S_PER_STEP``. Compile when saving > cost. Eval steps are not counted (a small share
+    of a GLUE run), which leans towards eager. Returns the verdict and the reason the log shows.
+    """
+    cost, source = estimate_compile_s(device_type, shapes, cache)
+    per_step = SAVED_S_PER_STEP.get(device_type, 0.0)
+    saving = steps * per_step
+    numbers = (
+        f"compiling {shapes} shapes ~{cost:.0f} s ({source}) vs ~{saving:.0f} s saved over {steps} steps "
+        f"(~{1e3 * per_step:.0f} ms/step)"
+    )
+    if saving > cost:
+        return True, f"auto: compiling pays off: {numbers}"
+    return False, (
+        f"auto: compiling cannot pay off for this run, eager path: {numbers}; "
+        "fast.enabled=true compiles anyway (and fills the compile cache for the next run)"
+    )
+
+
+def planned_steps(cfg: Config, train_rows: int, effective_batch: int) -> int:
+    """The run's optimizer steps, as the loop counts them (epochs x steps per epoch, capped by max_steps)."""
+    total = -(-train_rows // effective_batch) * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def decide_for_run(
+    cfg: Config,
+    acc: Any,
+    layout: Layout,
+    model: torch.nn.Module,
+    inputs: Inputs,
+    regression: bool,
+    train_rows: int,
+) -> Decision:
+    """:func:`decide` for a real run: its planned steps and the compile cache's state for its compile key.
+
+    Where a compile may happen, the shared cache folder is activated (before any compile of this process) and
+    its state read; every rank takes the same path (one eager vote makes all ranks eager).
+    """
+    from train import dist
+
+    deepspeed, world = dist.uses_deepspeed(), layout.world
+    first = decide(cfg, acc.device, deepspeed, world)
+    if not (first.enabled and first.compile):
+        return first
+    cache = CompileCache(
+        compile_cache_dir(cfg.fast.cache_dir, cfg.data.cache_dir),
+        *_compile_key(
+            cfg, first, dist.device_name(acc), model, inputs, regression, layout, acc.mixed_precision
+        ),
+    )
+    state = cache.prepare()
+    steps = planned_steps(cfg, train_rows, layout.effective)
+    d = decide(cfg, acc.device, deepspeed, world, steps, state)
+    if dist.any_rank(not d.enabled) and d.enabled:  # cache states may differ while another run writes it
+        d = Decision(False, "auto: another rank found compiling would not pay off; eager path")
+    d.cache, d.cache_state = (cache, state) if d.enabled else (None, None)
+    return d
+
+
+def _compile_key(
+    cfg: Config,
+    d: Decision,
+    device_name: str,
+    model: torch.nn.Module,
+    inputs: Inputs,
+    regression: bool,
+    layout: Layout,
+    precision: str,
+) -> tuple[str, dict]:
+    """What decides the compiled graphs of this run (not seeds, learning rates or data): its hash and parts."""
+    import transformers
+
+    skip = ("_name_or_path", "transformers_version", "id2label", "label2id")  # names only: same graphs
+    config = {k: v for k, v in model.config.to_dict().items() if k not in skip}
+    config["num_labels"] = model.config.num_labels
+    parts = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device_name,
+        "model_class": type(model).__name__,
+        "model_config": config,
+        "inputs": list(inputs.model_keys),
+        "regression": regression,
+        "buckets": list(d.buckets or ()),
+        "train_rows": layout.per_device,
+        "eval_rows": cfg.eval.batch_size,
+        "precision": precision,  # what the run computes in (cfg.precision may say auto)
+        "backend": d.backend,
+        "mode": d.mode,
+        "world": layout.world,
+    }
+    return compile_key(parts), parts
 
 
 def use_fused_adamw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -155,6 +301,10 @@ class FastPath:
     warm: bool = False  # True once every bucket shape has been compiled (precompile or first use)
     recompiles: int = 0
     warmup_s: float = 0.0
+    compile_s: float | None = (
+        None  # seconds compiling before the first step (None: compiled lazily, not timed)
+    )
+    cache_lookups: dict | None = None  # the compile cache's hits/misses during that compile
 
     def __post_init__(self) -> None:
         d = self.decision
@@ -253,6 +403,24 @@ class FastPath:
         if not self.compiled:
             return {}
         return {"perf/compiled_graphs": self.graph_count(), "perf/recompiles": self.recompiles}
+
+    def run_info(self) -> dict:
+        """run_info.json's ``fast_path``, ``compile_s`` and ``compile_cache`` (issue 16)."""
+        d = self.decision
+        if not self.compiled:
+            return {"fast_path": d.describe(), "compile_s": 0.0, "compile_cache": None}
+        lookups = self.cache_lookups or {}
+        cache = {
+            "dir": str(d.cache.folder) if d.cache else None,
+            "key": d.cache.key if d.cache else None,
+            "warm_before": d.cache_state.warm if d.cache_state else None,
+            "mega_loaded": d.cache_state.mega_loaded if d.cache_state else None,
+            "hits": sum(v["hits"] for v in lookups.values()) if lookups else None,
+            "misses": sum(v["misses"] for v in lookups.values()) if lookups else None,
+            "lookups": lookups or None,  # per torch cache: fxgraph (inductor), aot_autograd
+        }
+        compile_s = None if self.compile_s is None else round(self.compile_s, 3)
+        return {"fast_path": d.describe(), "compile_s": compile_s, "compile_cache": cache}
 
     # -- warm-up
 
@@ -366,8 +534,9 @@ def attach(
     if not fast.set_to_none:
         preallocate_grads(run.model)
     if fast.compiled and run.cfg.fast.precompile:
+        before = cache_counters()
         vocab = len(run.tokenizer)  # the ids the tokenizer can produce
-        fast.precompile(
+        fast.compile_s = fast.precompile(
             run.model,
             run.acc.device,
             vocab,
@@ -376,7 +545,23 @@ def attach(
             run.acc.backward,
             lambda: run.optimizer.zero_grad(set_to_none=fast.set_to_none),
         )
+        fast.cache_lookups = lookups_since(before)
+        if decision.cache and run.acc.is_main_process:
+            decision.cache.save(fast.compile_s, fast.cache_lookups, 2 * len(decision.buckets or ()))
+        _log_compile(fast)
     return fast
+
+
+def _log_compile(fast: FastPath) -> None:
+    info = fast.run_info()["compile_cache"]
+    log.info(
+        "fast path: %.1f s compiling before the first step; compile cache %s: %s hits, %s misses (%s before)",
+        fast.compile_s or 0.0,
+        info["dir"],
+        info["hits"],
+        info["misses"],
+        "warm" if info["warm_before"] else "cold",
+    )
 
 
 def preallocate_grads(model: torch.nn.Module) -> None:

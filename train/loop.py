@@ -22,7 +22,7 @@ from train import backend, checkpoint, data, dist, runfolder, summary
 from train.card import write_model_cards
 from train.config import Config, run_folder, to_dict
 from train.curves import plot_run
-from train.fastpath import FastPath, attach, decide, use_fused_adamw
+from train.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
 from train.files import write_atomic
 from train.metrics import compute_metrics
 from train.model import load_model, load_tokenizer, model_inputs
@@ -144,8 +144,33 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
 
 
 @dataclass
+class Splits:
+    """The tokenized splits of a run (after data.max_*_samples) and their row counts."""
+
+    train: object
+    dev: dict[Split, object]
+    test: dict[Split, object]
+    rows: dict[str, int]
+
+
+def load_splits(cfg: Config, task: Task, tokenizer, acc) -> Splits:
+    rows: dict[str, int] = {}
+
+    def split_ds(split: Split, limit: int | None):
+        ds = data.tokenize_split(cfg.data, task, split, tokenizer, acc.main_process_first)
+        ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+        rows[split.name] = len(ds)
+        return ds
+
+    train_ds = split_ds(task.split("train")[0], cfg.data.max_train_samples)
+    dev = {s: split_ds(s, cfg.data.max_eval_samples) for s in task.split("dev")}
+    test = {s: split_ds(s, None) for s in task.split("test")} if cfg.eval.predict_test else {}
+    return Splits(train_ds, dev, test, rows)
+
+
+@dataclass
 class Data:
-    """The tokenized splits and their loaders (train/data.py), built once per start."""
+    """The batch plan and the loaders of a run (train/data.py), built once per start."""
 
     train_rows: int
     sampler: data.PlanSampler
@@ -156,31 +181,20 @@ class Data:
 
 
 def build_data(
-    cfg: Config, task: Task, tokenizer, inputs: data.Inputs, layout: data.Layout, acc, buckets
+    cfg: Config, task: Task, splits: Splits, inputs: data.Inputs, layout: data.Layout, acc, buckets
 ) -> Data:
-    main_first = acc.main_process_first
     collate = data.make_collator(inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=buckets)
     pin = acc.device.type == "cuda"
-    rows: dict[str, int] = {}
+    lengths = data.row_lengths(splits.train) if cfg.data.group_by_length else None
+    sampler = data.PlanSampler(len(splits.train), layout, acc.process_index, cfg.seed, lengths)
+    loader = data.train_loader(splits.train, sampler, collate, cfg.data.num_workers, pin)
 
-    def split_ds(split: Split, limit: int | None):
-        ds = data.tokenize_split(cfg.data, task, split, tokenizer, main_first)
-        ds = ds.select(range(min(limit, len(ds)))) if limit else ds
-        rows[split.name] = len(ds)
-        return ds
-
-    train_ds = split_ds(task.split("train")[0], cfg.data.max_train_samples)
-    lengths = data.row_lengths(train_ds) if cfg.data.group_by_length else None
-    sampler = data.PlanSampler(len(train_ds), layout, acc.process_index, cfg.seed, lengths)
-    loader = data.train_loader(train_ds, sampler, collate, cfg.data.num_workers, pin)
-
-    def eval_dl(split: Split, limit: int | None):
-        ds = split_ds(split, limit)
+    def eval_dl(ds):
         return data.eval_loader(ds, cfg.eval.batch_size, collate, cfg.data.num_workers, pin)
 
-    evals = {s: eval_dl(s, cfg.data.max_eval_samples) for s in task.split("dev")}
-    tests = {s: eval_dl(s, None) for s in task.split("test")} if cfg.eval.predict_test else {}
-    return Data(len(train_ds), sampler, loader, evals, tests, rows)
+    evals = {s: eval_dl(ds) for s, ds in splits.dev.items()}
+    tests = {s: eval_dl(ds) for s, ds in splits.test.items()}
+    return Data(len(splits.train), sampler, loader, evals, tests, splits.rows)
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -208,7 +222,6 @@ def setup(cfg: Config) -> Run | None:
         acc.mixed_precision
     )  # what this run computes in: no, bf16 or fp16 (cfg.precision may say auto)
     tracker = Tracker(cfg, start.out, acc.is_main_process)  # W&B settings checked before anything is loaded
-    fast = decide(cfg, acc.device, dist.uses_deepspeed(), layout.world)  # logged (with its reason) by attach
 
     from accelerate.utils import set_seed
 
@@ -216,7 +229,10 @@ def setup(cfg: Config) -> Run | None:
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, task, tokenizer)
     inputs = model_inputs(tokenizer, model)  # before prepare: the signature of the unwrapped model
-    d = build_data(cfg, task, tokenizer, inputs, layout, acc, fast.buckets)
+    splits = load_splits(cfg, task, tokenizer, acc)
+    # fast path or eager, and why (logged by attach): device, backend, and whether compiling pays off
+    fast = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train))
+    d = build_data(cfg, task, splits, inputs, layout, acc, fast.buckets)
     total = total_steps(cfg, d.sampler.steps_per_epoch())
     optimizer = build_optimizer(cfg, model)
     if fast.fused_adamw:
@@ -342,6 +358,7 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": run.total_steps,
+        **run.fast.run_info(),  # fast_path, compile_s, compile_cache (train/fastpath.py)
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
