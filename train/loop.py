@@ -309,8 +309,19 @@ def start_block(run: Run, d: Data, resumed: str) -> list[str]:
         f"  {'steps':<12}{run.total_steps} optimizer steps ({steps})",
         f"  {'compute':<12}precision {run.precision}; {lay.world} x {dist.device_name(run.acc)}; "
         f"{backend.name(run.acc)}",
+        f"  {'fast path':<12}{fast_line(run.fast.run_info())}",
         f"  {'start':<12}{resumed}",
     ]
+
+
+def fast_line(info: dict) -> str:
+    """The fast-path decision and, when it compiled, what compiling cost and what the cache held."""
+    cache = info.get("compile_cache")
+    if not cache:
+        return info["fast_path"]
+    seen = f"{cache['hits']} hits, {cache['misses']} misses" if cache.get("hits") is not None else "no lookups"
+    state = "warm" if cache.get("warm_before") else "cold"
+    return f"{info['fast_path']}; compiled in {info['compile_s']} s (cache {cache['dir']}: {state}, {seen})"
 
 
 def resume(run: Run, start: runfolder.Start) -> str:

@@ -36,14 +36,14 @@ class Progress:
         self.bar = None  # the tqdm bar, opened by redirect() (so nothing is drawn before training starts)
 
     def redirect(self):
-        """Open the bar (on a terminal) and print log lines above it instead of through it."""
+        """Training starts: open the bar (on a terminal), with log lines printed above it, not through it."""
+        self.t0 = self.last_line = time.monotonic()  # the ETA counts training, not the start-up before it
         if not self.tty:
             return contextlib.nullcontext()
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         if self.bar is None:
-            self.t0 = time.monotonic()
             kw = dict(
                 total=self.total, initial=self.initial, unit="step", mininterval=2.0, dynamic_ncols=True
             )
