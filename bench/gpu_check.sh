@@ -131,7 +131,7 @@ done
 
 # 3. the GPU tests
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  step gpu-tests 60 bash -c "set -o pipefail; '$PY' -m pytest -m gpu tests/test_fastpath.py -q -p no:cacheprovider \
+  step gpu-tests 120 bash -c "set -o pipefail; '$PY' -m pytest -m gpu tests/test_fastpath.py tests/test_fsdp.py -q -p no:cacheprovider \
     2>&1 | tee '$base-gpu-tests.txt'"
 fi
 

@@ -78,19 +78,19 @@ def test_collator_pads_to_smallest_bucket():
 def test_decide_reasons():
     cfg = load_config(None, [])
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    off = fastpath.decide(cfg, cpu, deepspeed=False, world=1)
+    off = fastpath.decide(cfg, cpu, backend_off="", world=1)
     assert not off.enabled and "no CUDA device" in off.reason and off.buckets is None
-    on = fastpath.decide(cfg, cuda, deepspeed=False, world=1)
+    on = fastpath.decide(cfg, cuda, backend_off="", world=1)
     assert on.enabled and on.mode == "reduce-overhead" and on.cudagraphs and on.fused_adamw
     assert on.buckets == (32, 64, 96, 128)
-    ddp = fastpath.decide(cfg, cuda, deepspeed=False, world=2)
+    ddp = fastpath.decide(cfg, cuda, backend_off="", world=2)
     assert ddp.mode == "default" and not ddp.cudagraphs and "CUDA graphs off with 2 processes" in ddp.reason
-    ds = fastpath.decide(cfg, cuda, deepspeed=True, world=1)
-    assert not ds.enabled and "DeepSpeed" in ds.reason
-    assert not fastpath.decide(load_config(None, ["fast.enabled=false"]), cuda, False, 1).enabled
-    forced = fastpath.decide(
-        load_config(None, ["fast.enabled=true", "fast.backend=aot_eager"]), cpu, False, 1
-    )
+    from train.backends.deepspeed import DeepSpeed
+
+    ds = fastpath.decide(cfg, cuda, backend_off=DeepSpeed().fast_path_off, world=1)
+    assert not ds.enabled and "DeepSpeed owns backward" in ds.reason
+    assert not fastpath.decide(load_config(None, ["fast.enabled=false"]), cuda, "", 1).enabled
+    forced = fastpath.decide(load_config(None, ["fast.enabled=true", "fast.backend=aot_eager"]), cpu, "", 1)
     assert forced.enabled and forced.compile and not forced.cudagraphs and forced.mode is None
 
 

@@ -60,8 +60,10 @@ def test_guard_records_the_first_bad_step_and_raises_at_check() -> None:
 
 
 def test_skips_refused_under_deepspeed() -> None:
-    with pytest.raises(ConfigError, match="train.max_nonfinite_skips=2 is not supported under DeepSpeed"):
-        Guard(_fake_acc(kind="DistributedType.DEEPSPEED"), torch.nn.Linear(2, 2), "bf16", 2)
+    from train.backends.deepspeed import DeepSpeed
+
+    with pytest.raises(ConfigError, match="train.max_nonfinite_skips=2 is not supported under deepspeed"):
+        Guard(_fake_acc(), torch.nn.Linear(2, 2), "bf16", 2, backend=DeepSpeed())
 
 
 def test_fp32_nan_stops_without_saving_and_resumes(tmp_path) -> None:

@@ -55,15 +55,15 @@ def test_auto_rule_picks_eager_for_a_short_cold_run_and_says_why():
 
 def test_decide_auto_takes_the_rule_into_account():
     auto, forced = load_config(None, []), load_config(None, ["fast.enabled=true"])
-    short = fastpath.decide(auto, CUDA, False, 1, steps=780, cache=CacheState())
+    short = fastpath.decide(auto, CUDA, "", 1, steps=780, cache=CacheState())
     assert not short.enabled and not short.fused_adamw and short.buckets is None  # eager, unbucketed
     assert short.describe().startswith("fast path off: auto: compiling cannot pay off")
-    warm = fastpath.decide(auto, CUDA, False, 1, steps=780, cache=CacheState(True, 150.0, 12.0))
+    warm = fastpath.decide(auto, CUDA, "", 1, steps=780, cache=CacheState(True, 150.0, 12.0))
     assert warm.enabled and warm.cudagraphs and "compiling pays off" in warm.reason
-    assert fastpath.decide(forced, CUDA, False, 1, steps=10, cache=CacheState()).enabled  # true: always
-    assert fastpath.decide(auto, CUDA, False, 1).enabled  # no run facts given: device rule only
+    assert fastpath.decide(forced, CUDA, "", 1, steps=10, cache=CacheState()).enabled  # true: always
+    assert fastpath.decide(auto, CUDA, "", 1).enabled  # no run facts given: device rule only
     no_compile = load_config(None, ["fast.compile=false"])  # buckets + fused AdamW cost nothing up front
-    assert fastpath.decide(no_compile, CUDA, False, 1, steps=10, cache=CacheState()).enabled
+    assert fastpath.decide(no_compile, CUDA, "", 1, steps=10, cache=CacheState()).enabled
     assert fastpath.planned_steps(auto, 2490, 16) == 780
     assert fastpath.planned_steps(load_config(None, ["train.max_steps=100"]), 2490, 16) == 100
 

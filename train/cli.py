@@ -106,8 +106,9 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-    deepspeed_level = logging.WARNING if uses_deepspeed and rank() == 0 else logging.ERROR
+    from train.backends import launched
+
+    deepspeed_level = logging.WARNING if launched() == "deepspeed" and rank() == 0 else logging.ERROR
     logging.getLogger("DeepSpeed").addFilter(_Quiet(deepspeed_level))
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # tokenize/save bars; read at import
 

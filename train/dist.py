@@ -25,11 +25,6 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def uses_deepspeed() -> bool:
-    """DeepSpeed is chosen by the launch config (``accelerate launch --config_file configs/accelerate/zero*.yaml``)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-
-
 def resolve_precision(precision: str, cuda: bool) -> str:
     if precision == "auto":
         if cuda:
@@ -43,45 +38,19 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return precision
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback (the one helper for it: launchers, tests and DeepSpeed's single process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _single_process_env() -> None:
-    # DeepSpeed insists on a process group; without a launcher it would reach for MPI.
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def make_accelerator(precision: str, accum: int):
-    """An Accelerator for this launch; ``accum`` is derived from the world size before it exists."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
+def make_accelerator(precision: str, accum: int, backend):
+    """The backend's Accelerator for this launch (``backend``: train.backends.current()); ``accum`` is derived
+    from the world size before it exists. A world that did not form one group is refused."""
     cuda = torch.cuda.is_available()
-    mixed = resolve_precision(precision, cuda)
-    if uses_deepspeed():
-        from train import backend
-
-        backend.locate_config_file()  # Accelerate reads the DeepSpeed JSON while it is created
+    acc = backend.make_accelerator(resolve_precision(precision, cuda), accum, cuda)
     world = launched_world_size()
-    kwargs, cpu = [], False
-    if not cuda:
-        if uses_deepspeed():
-            _single_process_env()
-            kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # cpu=True would silently drop DeepSpeed
-        else:
-            cpu = True  # MULTI_CPU over gloo under torchrun / accelerate launch
-    acc = Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed,
-        gradient_accumulation_steps=accum,
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=kwargs,
-    )
     if acc.num_processes != world:
         raise RuntimeError(
             f"the launcher started a world of {world} processes (WORLD_SIZE) but Accelerate formed one of "

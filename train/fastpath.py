@@ -95,12 +95,13 @@ class Decision:
 def decide(
     cfg: Config,
     device: torch.device,
-    deepspeed: bool,
+    backend_off: str,
     world: int,
     steps: int | None = None,
     cache: CacheState | None = None,
 ) -> Decision:
-    """Whether and how to use the fast path on this device and backend.
+    """Whether and how to use the fast path on this device and backend (``backend_off``: why the backend rules
+    it out, ``Backend.fast_path_off``; empty when it does not).
 
     With ``steps`` (the run's planned optimizer steps) and ``cache`` (the compile cache's state for this run),
     ``fast.enabled=auto`` also asks whether compiling pays off (:func:`auto_pays_off`) and takes the eager path
@@ -110,16 +111,13 @@ def decide(
     cuda = device.type == "cuda"
     if fc.enabled is False:
         return Decision(False, "fast.enabled=false")
-    if deepspeed:
-        return Decision(
-            False,
-            "DeepSpeed owns backward and the optimizer step (its engine is not compiled here); eager path",
-        )
+    if backend_off:
+        return Decision(False, f"{backend_off}; eager path")
     if fc.enabled == "auto" and not cuda:
         return Decision(
             False, f"no CUDA device ({device.type}); eager path (fast.enabled=true forces compile)"
         )
-    reason = "fast.enabled=true" if fc.enabled is True else "auto: CUDA without DeepSpeed"
+    reason = "fast.enabled=true" if fc.enabled is True else "auto: CUDA, and the backend allows it"
     mode = fc.compile_mode
     if mode == "auto":
         # CUDA graphs under DDP are untested here (no multi-GPU machine); plain compile is the safe default.
@@ -213,9 +211,10 @@ def decide_for_run(
     its state read; every rank takes the same path (one eager vote makes all ranks eager).
     """
     from train import dist
+    from train.backends import current
 
-    deepspeed, world = dist.uses_deepspeed(), layout.world
-    first = decide(cfg, acc.device, deepspeed, world)
+    off, world = current().fast_path_off, layout.world
+    first = decide(cfg, acc.device, off, world)
     if not (first.enabled and first.compile):
         return first
     cache = CompileCache(
@@ -226,7 +225,7 @@ def decide_for_run(
     )
     state = cache.prepare()
     steps = planned_steps(cfg, train_rows, layout.effective)
-    d = decide(cfg, acc.device, deepspeed, world, steps, state)
+    d = decide(cfg, acc.device, off, world, steps, state)
     if dist.any_rank(not d.enabled) and d.enabled:  # cache states may differ while another run writes it
         d = Decision(False, "auto: another rank found compiling would not pay off; eager path")
     d.cache, d.cache_state = (cache, state) if d.enabled else (None, None)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train import backend, checkpoint, data, dist, runfolder, summary
+from train import backends, checkpoint, data, dist, runfolder, summary
 from train.card import write_model_cards
 from train.config import Config, run_folder, to_dict
 from train.curves import plot_run
@@ -84,6 +84,9 @@ class Run:
     bar: Progress | None = None  # progress over optimizer steps (train/progress.py), main process only
     stopping: bool = False  # every rank agreed to stop (a signal reached at least one of them)
     precision: str = "no"  # what the run computes in (cfg.precision may say auto)
+    backend: backends.Backend = field(
+        default_factory=backends.Backend
+    )  # DDP, DeepSpeed or FSDP (train/backends/)
     info: dict = field(
         default_factory=dict
     )  # run_info.json's content (derived values; the config is not touched)
@@ -97,17 +100,17 @@ def output_dir(cfg: Config) -> Path:
     return run_folder(cfg)
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module, backend: backends.Backend) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            ndim = backend.param_ndim(p)  # ZeRO-3 partitioned parameters are empty until gathered
+            ndim = backend.param_ndim(p)  # e.g. ZeRO-3 partitioned parameters are empty until gathered
             (no_decay if ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return backend.make_optimizer(cfg, groups)  # torch AdamW, or DeepSpeed's fused Adam if configured
+    return backend.make_optimizer(cfg, groups)  # torch's AdamW, or the backend's own kernel if configured
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -217,11 +220,14 @@ def setup(cfg: Config) -> Run | None:
     layout = data.Layout.derive(
         cfg.train.effective_batch_size, cfg.train.per_device_batch_size, dist.launched_world_size()
     )
-    acc = dist.make_accelerator(cfg.precision, layout.accum)
+    backend = backends.current()  # chosen by the launch (configs/accelerate/*.yaml), never by the run config
+    acc = dist.make_accelerator(cfg.precision, layout.accum, backend)
     precision = (
         acc.mixed_precision
     )  # what this run computes in: no, bf16 or fp16 (cfg.precision may say auto)
-    tracker = Tracker(cfg, start.out, acc.is_main_process)  # W&B settings checked before anything is loaded
+    tracker = Tracker(
+        cfg, start.out, acc.is_main_process, backend
+    )  # W&B settings checked before anything is loaded
 
     from accelerate.utils import set_seed
 
@@ -234,12 +240,12 @@ def setup(cfg: Config) -> Run | None:
     fast = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train))
     d = build_data(cfg, task, splits, inputs, layout, acc, fast.buckets)
     total = total_steps(cfg, d.sampler.steps_per_epoch())
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, backend)
     if fast.fused_adamw:
         optimizer = use_fused_adamw(optimizer)
     scheduler = build_scheduler(cfg, optimizer, total)
     # The scheduler is not prepared: Accelerate would step it once per process per step.
-    # backend.prepare = acc.prepare, with the DeepSpeed config (if any) filled from the run config first
+    # backend.prepare = acc.prepare, with the backend's own settings (a DeepSpeed JSON) filled from the run config
     loaders = [*d.eval_loaders.values(), *d.test_loaders.values()]
     prepared = backend.prepare(acc, cfg, layout, model, optimizer, *loaders, precision=precision)
     model, optimizer, rest = prepared[0], prepared[1], list(prepared[2:])
@@ -270,9 +276,11 @@ def setup(cfg: Config) -> Run | None:
         tracker,
         StopFlag(),
         precision=precision,
+        backend=backend,
     )
     run.stop.install()
-    run.guard = Guard(acc, model, precision, cfg.train.max_nonfinite_skips, lambda: checkpoint.newest(out))
+    newest = lambda: checkpoint.newest(out)  # noqa: E731
+    run.guard = Guard(acc, model, precision, cfg.train.max_nonfinite_skips, newest, backend)
     resumed = resume(run, start)
     run.bar = Progress(total, run.state.global_step, f"train {task.name}", acc.is_main_process)
     run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
@@ -308,7 +316,7 @@ def start_block(run: Run, d: Data, resumed: str) -> list[str]:
         f"  {'batch':<12}{lay.describe()}",
         f"  {'steps':<12}{run.total_steps} optimizer steps ({steps})",
         f"  {'compute':<12}precision {run.precision}; {lay.world} x {dist.device_name(run.acc)}; "
-        f"{backend.name(run.acc)}",
+        f"{run.backend.title(run.acc)}",
         f"  {'fast path':<12}{fast_line(run.fast.run_info())}",
         f"  {'start':<12}{resumed}",
     ]
@@ -319,7 +327,9 @@ def fast_line(info: dict) -> str:
     cache = info.get("compile_cache")
     if not cache:
         return info["fast_path"]
-    seen = f"{cache['hits']} hits, {cache['misses']} misses" if cache.get("hits") is not None else "no lookups"
+    seen = (
+        f"{cache['hits']} hits, {cache['misses']} misses" if cache.get("hits") is not None else "no lookups"
+    )
     state = "warm" if cache.get("warm_before") else "cold"
     return f"{info['fast_path']}; compiled in {info['compile_s']} s (cache {cache['dir']}: {state}, {seen})"
 
@@ -363,8 +373,8 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "precision": run.precision,
         "device": dist.device_name(run.acc),
         "distributed_type": str(run.acc.distributed_type),
-        "backend": backend.name(run.acc),
-        "deepspeed": backend.describe(run.acc),  # the filled DeepSpeed config (None without DeepSpeed)
+        "backend": run.backend.title(run.acc),
+        run.backend.name: run.backend.describe(run.acc),  # its own settings (DeepSpeed: the filled JSON)
         "model_inputs": list(run.inputs.model_keys),
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
@@ -451,7 +461,7 @@ def train_one_epoch(run: Run) -> None:
             acc.backward(weighted * (world_scale / n_real))
             if acc.sync_gradients:
                 # clip + global norm; under DeepSpeed the engine clipped inside its step and reports the norm
-                norm = backend.grad_norm(acc, run.model, cfg.train.max_grad_norm)
+                norm = run.backend.grad_norm(acc, run.model, cfg.train.max_grad_norm)
                 run.guard.after_backward(st.global_step + 1, norm, weighted.detach())  # device-side record
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=run.fast.set_to_none)

@@ -55,14 +55,19 @@ class Guard:
         precision: str,
         max_skips: int,
         last_checkpoint: Callable[[], object] = lambda: None,
+        backend=None,
     ):
+        """``backend``: train.backends' Backend in use (default: the launched one)."""
+        from train.backends import current
+
         self.acc, self.model, self.precision, self.max_skips = acc, model, precision, max_skips
-        if max_skips > 0 and "DEEPSPEED" in str(getattr(acc, "distributed_type", "")).upper():
+        backend = backend or current()
+        if max_skips > 0 and backend.owns_optimizer_step:
             raise ConfigError(
-                f"train.max_nonfinite_skips={max_skips} is not supported under DeepSpeed: the engine owns the "
+                f"train.max_nonfinite_skips={max_skips} is not supported under {backend.name}: its engine owns the "
                 "gradients, so a step cannot be dropped from outside. Set train.max_nonfinite_skips=0 (the run "
                 "stops at a non-finite step and resumes from the last good checkpoint), or use fp16, whose "
-                "DeepSpeed loss scaler skips overflow steps itself"
+                "loss scaler skips overflow steps itself"
             )
         self.last_checkpoint = last_checkpoint  # () -> str | None, for the error message
         self.inject = nan_steps(acc.process_index)

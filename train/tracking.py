@@ -71,12 +71,15 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def count_matmul_params(model: torch.nn.Module) -> int:
+def count_matmul_params(model: torch.nn.Module, backend=None) -> int:
     """Parameters outside embedding tables (lookups cost no FLOPs); ZeRO-3 shards report their full size."""
     import torch
 
+    from train.backends import Backend
+
+    numel = (backend or Backend()).param_numel
     skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if id(p) not in skip)
+    return sum(numel(p) for p in model.parameters() if id(p) not in skip)
 
 
 def git_info(path: Path | None = None) -> dict[str, Any]:
@@ -260,9 +263,9 @@ class Tracker(MetricsLog):
     waiting.
     """
 
-    def __init__(self, cfg: Config, out: Path, main: bool):
+    def __init__(self, cfg: Config, out: Path, main: bool, backend=None):
         super().__init__(Path(out) / "metrics.jsonl", main)
-        self.cfg, self.out = cfg, Path(out)
+        self.cfg, self.out, self.backend = cfg, Path(out), backend
         self.settings = resolve_wandb(cfg, self.out)
         self.wandb_run: Any = None
         self.sent_before = 0  # last step in metrics.jsonl before a resume rewound it
@@ -298,7 +301,7 @@ class Tracker(MetricsLog):
         from train import dist
         from train.config import ConfigError
 
-        self.flops_per_token = 6.0 * count_matmul_params(model)
+        self.flops_per_token = 6.0 * count_matmul_params(model, self.backend)
         self.peak = peak_flops(device_name, precision) if device.type == "cuda" else None
         self.world, self.device = world, device
         error = None

@@ -1,4 +1,4 @@
-"""The one place where DeepSpeed forces a difference from DDP; the loop calls these and never branches.
+"""The DeepSpeed backend: everything where a ZeRO launch differs from DDP (train/backends/__init__.py).
 
 What differs under a DeepSpeed launch (``accelerate launch --config_file configs/accelerate/zero*.yaml``):
 
@@ -29,17 +29,13 @@ from typing import Any
 import torch
 
 from train import dist
+from train.backends import Backend
 from train.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AUTO = "auto"
 OPTIMIZER_TYPES = ("adamw", "adam")  # the run config's optimizer is AdamW (Adam with decoupled decay)
-
-
-def active() -> bool:
-    """DeepSpeed is chosen by the launch config (``ACCELERATE_USE_DEEPSPEED``), never by the run config."""
-    return dist.uses_deepspeed()
 
 
 def locate_config_file() -> None:
@@ -63,7 +59,7 @@ def locate_config_file() -> None:
 def _plugin():
     from accelerate.state import AcceleratorState
 
-    return AcceleratorState().deepspeed_plugin if active() else None
+    return AcceleratorState().deepspeed_plugin
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -219,26 +215,11 @@ def _raw_config(plugin) -> tuple[dict, str]:
     return copy.deepcopy(plugin.deepspeed_config), "from the Accelerate config"
 
 
-def param_ndim(p: torch.Tensor) -> int:
-    """The parameter's real rank: under ZeRO-3 (``zero3_init_flag``) ``p`` is an empty shard, ``ds_shape`` the
-    full shape (so weight decay goes to the same parameters as under DDP)."""
-    shape = getattr(p, "ds_shape", None)
-    return len(shape) if shape is not None else p.ndim
-
-
-def make_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW over ``groups`` (torch's by default; DeepSpeed's fused kernel when asked for and launched so)."""
+def _fused_adam(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    """DeepSpeed's fused Adam in AdamW mode (CPU Adam when the optimizer is offloaded)."""
     t = cfg.train
     kwargs: dict[str, Any] = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
-    if not cfg.deepspeed.fused_adam:
-        return torch.optim.AdamW(groups, **kwargs)
-    plugin = _plugin()
-    if plugin is None:
-        raise ConfigError(
-            "deepspeed.fused_adam=true needs a DeepSpeed launch (accelerate launch --config_file "
-            "configs/accelerate/zero*.yaml); without DeepSpeed set deepspeed.fused_adam=false"
-        )
-    if offloads_optimizer(plugin.deepspeed_config):
+    if offloads_optimizer(_plugin().deepspeed_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
@@ -266,35 +247,66 @@ def keep_used_weight_conversions(model: torch.nn.Module) -> None:
             module._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
 
 
-def name(acc) -> str:
-    """The backend in words, for logs and run_info.json: single process, DDP (N processes) or DeepSpeed ZeRO-k."""
-    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
-    if wrapped is not None:
-        return f"DeepSpeed ZeRO-{wrapped.engine.zero_optimization_stage()} ({acc.num_processes} processes)"
-    if acc.num_processes > 1:
-        return f"DDP ({acc.num_processes} processes, {acc.state.backend or 'default'} backend)"
-    return "single process"
+def _single_process_env() -> None:
+    # DeepSpeed insists on a process group; without a launcher it would reach for MPI.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
 
 
-def prepare(acc, cfg: Config, layout, *objects, precision: str | None = None):
-    """``accelerator.prepare(*objects)``, with the DeepSpeed config filled from the run config first.
+class DeepSpeed(Backend):
+    """ZeRO 1/2/3 (+ offload) through Accelerate; the DeepSpeed JSON is filled from the run config."""
 
-    ``precision``: what the run computes in (``cfg.precision`` may say ``auto``)."""
-    if precision is not None and precision != cfg.precision:
-        import dataclasses
+    name = "deepspeed"
+    owns_optimizer_step = True
+    fast_path_off = "DeepSpeed owns backward and the optimizer step (its engine is not compiled here)"
 
-        cfg = dataclasses.replace(cfg, precision=precision)
-    for obj in objects:
-        if isinstance(obj, torch.nn.Module):
-            keep_used_weight_conversions(obj)
-    plugin = _plugin()
-    if plugin is None:
-        return acc.prepare(*objects)
-    raw, source = _raw_config(plugin)
-    check_and_fill(plugin.deepspeed_config, raw, cfg, layout.per_device, layout.accum, layout.world, source)
-    prepared = acc.prepare(*objects)
-    engine = acc.deepspeed_engine_wrapped.engine if acc.deepspeed_engine_wrapped else None
-    if engine is not None:
+    def make_accelerator(self, mixed_precision: str, accum: int, cuda: bool):
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        locate_config_file()  # Accelerate reads the DeepSpeed JSON while it is created
+        kwargs = []
+        if not cuda:
+            _single_process_env()
+            kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # cpu=True would silently drop DeepSpeed
+        return Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=accum,
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=kwargs,
+        )
+
+    def make_optimizer(self, cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+        """torch's AdamW by default; DeepSpeed's fused kernel with ``deepspeed.fused_adam=true``."""
+        if cfg.deepspeed.fused_adam:
+            return _fused_adam(cfg, groups)
+        return super().make_optimizer(cfg, groups)
+
+    def prepare(self, acc, cfg: Config, layout, *objects, precision: str | None = None):
+        """``accelerator.prepare(*objects)``, with the DeepSpeed config filled from the run config first.
+
+        ``precision``: what the run computes in (``cfg.precision`` may say ``auto``)."""
+        if precision is not None and precision != cfg.precision:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, precision=precision)
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):
+                keep_used_weight_conversions(obj)
+        plugin = _plugin()
+        raw, source = _raw_config(plugin)
+        check_and_fill(
+            plugin.deepspeed_config, raw, cfg, layout.per_device, layout.accum, layout.world, source
+        )
+        prepared = acc.prepare(*objects)
+        engine = acc.deepspeed_engine_wrapped.engine if acc.deepspeed_engine_wrapped else None
+        if engine is not None:
+            self._check_engine(engine, cfg, layout)
+        return prepared
+
+    @staticmethod
+    def _check_engine(engine, cfg: Config, layout) -> None:
         got = (
             engine.train_micro_batch_size_per_gpu(),
             engine.gradient_accumulation_steps(),
@@ -305,6 +317,7 @@ def prepare(acc, cfg: Config, layout, *objects, precision: str | None = None):
             raise RuntimeError(
                 f"DeepSpeed runs (micro batch, accumulation, batch) = {got}, the run config {want}"
             )
+        optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
         log.info(
             "DeepSpeed ZeRO-%d: micro batch %d x accumulation %d x %d processes = %d; clipping %s; "
             "precision %s; optimizer %s",
@@ -314,46 +327,50 @@ def prepare(acc, cfg: Config, layout, *objects, precision: str | None = None):
             got[2],
             engine.gradient_clipping() or "off",
             cfg.precision,
-            type(engine.basic_optimizer).__name__
-            if hasattr(engine, "basic_optimizer")
-            else type(engine.optimizer).__name__,
+            type(optimizer).__name__,
         )
-    return prepared
 
+    def param_ndim(self, p: torch.Tensor) -> int:
+        """The parameter's real rank: under ZeRO-3 (``zero3_init_flag``) ``p`` is an empty shard, ``ds_shape``
+        the full shape (so weight decay goes to the same parameters as under DDP)."""
+        shape = getattr(p, "ds_shape", None)
+        return len(shape) if shape is not None else p.ndim
 
-def grad_norm(acc, model, max_norm: float | None):
-    """Clip the global gradient norm to ``max_norm`` and return the pre-clip norm (any backend).
+    def param_numel(self, p: torch.Tensor) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 shards report their full size
 
-    Under DeepSpeed the engine has already clipped (``gradient_clipping``) inside its step, and Accelerate
-    returns the engine's norm.
-    """
-    return acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    # grad_norm: the engine has already clipped (``gradient_clipping``) inside its step; Accelerate's
+    # clip_grad_norm_ returns the engine's pre-clip norm, so the base method is right as it is.
 
+    def describe(self, acc) -> dict | None:
+        """What DeepSpeed runs with, for ``run_info.json``."""
+        wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+        if wrapped is None:
+            return None
+        engine, ds = wrapped.engine, acc.deepspeed_config
+        import deepspeed
 
-def describe(acc) -> dict | None:
-    """What DeepSpeed runs with, for ``run_info.json`` (None without DeepSpeed)."""
-    wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
-    if wrapped is None:
-        return None
-    engine, ds = wrapped.engine, acc.deepspeed_config
-    import deepspeed
+        keys = (
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "train_batch_size",
+            "gradient_clipping",
+            "fp16.enabled",
+            "bf16.enabled",
+            "data_types.grad_accum_dtype",
+            "zero_optimization.stage",
+            "zero_optimization.offload_optimizer.device",
+            "zero_optimization.offload_param.device",
+        )
+        return {
+            "version": deepspeed.__version__,
+            "config_file": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
+            "zero_stage": engine.zero_optimization_stage(),
+            "optimizer": type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
+            "config": {k: _get(ds, k) for k in keys if _get(ds, k) is not None},
+        }
 
-    keys = (
-        "train_micro_batch_size_per_gpu",
-        "gradient_accumulation_steps",
-        "train_batch_size",
-        "gradient_clipping",
-        "fp16.enabled",
-        "bf16.enabled",
-        "data_types.grad_accum_dtype",
-        "zero_optimization.stage",
-        "zero_optimization.offload_optimizer.device",
-        "zero_optimization.offload_param.device",
-    )
-    return {
-        "version": deepspeed.__version__,
-        "config_file": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"),
-        "zero_stage": engine.zero_optimization_stage(),
-        "optimizer": type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
-        "config": {k: _get(ds, k) for k in keys if _get(ds, k) is not None},
-    }
+    def title(self, acc) -> str:
+        wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
+        stage = wrapped.engine.zero_optimization_stage() if wrapped is not None else "?"
+        return f"DeepSpeed ZeRO-{stage} ({acc.num_processes} processes)"
