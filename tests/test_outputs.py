@@ -138,7 +138,7 @@ def test_model_card_parses_and_holds_the_run_numbers(mnli_run, which):
     assert int(hp["gradient_accumulation_steps"]) == info["grad_accum_steps"]
     assert int(hp["eval_batch_size"]) == cfg.eval.batch_size and int(hp["seed"]) == cfg.seed
     assert int(hp["num_processes"]) == info["world_size"] == 1
-    assert hp["distributed_type"] == "none (one process)"
+    assert hp["distributed_type"] == info["backend"] == "single process"
     t = cfg.train
     assert hp["optimizer"] == (
         f"AdamW with betas=({t.adam_beta1},{t.adam_beta2}) and epsilon={t.adam_eps}, weight_decay={t.weight_decay}"

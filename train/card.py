@@ -176,11 +176,10 @@ def hyperparameter_lines(cfg: dict, info: dict) -> list[str]:
     t, ev, data = cfg.get("train", {}), cfg.get("eval", {}), cfg.get("data", {})
     total = info.get("total_steps")
     warmup = int(t.get("warmup_ratio", 0.0) * total) if total is not None else None  # as loop.build_scheduler
-    dist = str(info.get("distributed_type", "")).removeprefix("DistributedType.")
-    dist_text = DISTRIBUTED.get(dist, dist.lower() or "unknown")
-    ds = info.get("deepspeed") or {}  # backend.describe: what DeepSpeed really ran with
-    if ds.get("zero_stage") is not None:
-        dist_text += f" ZeRO-{ds['zero_stage']}"
+    dist = str(info.get("distributed_type", "")).rsplit(".", 1)[-1]
+    # run_info's "backend" is the backend's own title (train/backends/): "DDP (2 processes, gloo backend)", ...
+    dist_text = info.get("backend") or DISTRIBUTED.get(dist, dist.lower() or "unknown")
+    ds = info.get("deepspeed") or {}  # the DeepSpeed backend's describe(): what it really ran with
     offload = ds.get("config", {}).get("zero_optimization.offload_optimizer.device")
     if offload and offload != "none":
         dist_text += f", optimizer offloaded to {offload}"

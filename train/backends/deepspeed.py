@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from train import dist
-from train.backends import Backend
+from train.backends.base import Backend
 from train.config import Config, ConfigError
 
 log = logging.getLogger(__name__)

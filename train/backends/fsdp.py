@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.backends import Backend
+from train.backends.base import Backend
 from train.config import ConfigError
 
 

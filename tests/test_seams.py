@@ -1,0 +1,91 @@
+"""The seams of train/ (issue 15): no import cycle, the backend named only in train/backends/, one way to write a
+file, ``--help`` without torch."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+TRAIN = REPO / "train"
+
+
+def _modules() -> dict[str, object]:
+    out = {}
+    for path in TRAIN.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        out[name] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import of a train module by another, at any level (a function-level import is a dependency too)."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in mods and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_no_import_cycle_in_train():
+    graph = import_graph()
+    assert len(graph) > 20 and "train.backends.deepspeed" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
+
+
+BACKEND_NAMES = re.compile(
+    r"ACCELERATE_USE_DEEPSPEED|ACCELERATE_USE_FSDP|ds_numel|ds_shape|deepspeed_engine|DistributedType\."
+)
+
+
+def test_only_the_backends_know_which_backend_runs():
+    leaks = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in TRAIN.rglob("*.py")
+        if "backends" not in p.parts
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if BACKEND_NAMES.search(line)
+    ]
+    assert not leaks, leaks
+
+
+def test_help_does_not_import_torch():
+    probe = (
+        "import sys\nfrom train.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "config keys" in proc.stdout and proc.stdout.strip().endswith("HEAVY []"), proc.stdout[-500:]
