@@ -12,6 +12,7 @@ count_gpus() {
     fi
 }
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+free_port() {  # the one helper for it: train/dist.py (the launchers set PYTHONPATH to the repository)
+    python3 -c 'from train.dist import free_port; print(free_port())' ||
+        { echo "launch: python3 cannot import train (activate the project's virtual environment)" >&2; return 1; }
 }

@@ -35,11 +35,9 @@ def _tokenized_cache(tmp_path_factory):
 
 
 def free_port() -> int:
-    import socket
+    from train.dist import free_port as port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return port()
 
 
 def accelerate_cmd(launch_opts: list[str], nproc: int, args: list[str]) -> list[str]:

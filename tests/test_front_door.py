@@ -375,11 +375,9 @@ def test_wandb_unreachable_goes_offline(tmp_path):
 
 
 def _closed_port() -> int:
-    import socket
+    from train.dist import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # free right now: nothing answers there
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from train.errors import UserError
+from train.tasks import TASKS
 
 
 class ConfigError(UserError, ValueError):
@@ -58,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = f("mnli", "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    task: str = f("mnli", f"GLUE task: {', '.join(TASKS)}")
     glue_dir: str | None = f(
         None,
         "root of a local GLUE download (official layout: SST-2/train.tsv, ...); "
@@ -486,8 +487,6 @@ def _check_output_template(template: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that do not need the world size or the model (those live where they are known)."""
-    from train.tasks import TASKS
-
     if cfg.data.task not in TASKS:
         raise ConfigError(f"data.task: unknown GLUE task '{cfg.data.task}'; choose one of {', '.join(TASKS)}")
     _check_output_template(cfg.output_dir)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import socket
 
-import torch
-
 from train.config import ConfigError
+
+# torch is imported inside the functions that use it: launch scripts call free_port() from bash.
 
 
 def launched_world_size() -> int:
@@ -28,6 +28,8 @@ def launched_rank() -> int:
 def resolve_precision(precision: str, cuda: bool) -> str:
     if precision == "auto":
         if cuda:
+            import torch
+
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "no"
     if precision == "fp16" and not cuda:
@@ -48,6 +50,8 @@ def free_port() -> int:
 def make_accelerator(precision: str, accum: int, backend):
     """The backend's Accelerator for this launch (``backend``: train.backends.current()); ``accum`` is derived
     from the world size before it exists. A world that did not form one group is refused."""
+    import torch
+
     cuda = torch.cuda.is_available()
     acc = backend.make_accelerator(resolve_precision(precision, cuda), accum, cuda)
     world = launched_world_size()
@@ -63,6 +67,8 @@ def make_accelerator(precision: str, accum: int, backend):
 
 def device_name(acc) -> str:
     if acc.device.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(acc.device)
     return acc.device.type
 
@@ -94,6 +100,7 @@ def from_main(obj):
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank; a CPU (gloo) all-reduce, never a device sync."""
+    import torch
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
