@@ -42,6 +42,8 @@ class TrainState:
     last_eval: dict = field(default_factory=dict)  # the same for the latest eval
     wandb_run_id: str | None = None  # the W&B run a resume continues (train/tracking.py)
     skipped_steps: int = 0  # optimizer steps without an update (fp16 overflow, train.max_nonfinite_skips)
+    evals_without_improvement: int = 0  # since the best eval (train.early_stopping_patience)
+    early_stopped: dict | None = None  # {"at_step", "epoch", "patience", "best_step"} once patience ran out
 
     @property
     def last_eval_step(self) -> int:
@@ -281,6 +283,7 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "device": dist.device_name(run.acc),
         "distributed_type": str(run.acc.distributed_type),
         "deepspeed": backend.describe(run.acc),  # the filled DeepSpeed config (None without DeepSpeed)
+        "init_from": getattr(run.acc.unwrap_model(run.model), "init_source", None),  # train/warm_start.py
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": run.total_steps,
@@ -335,7 +338,7 @@ def train(run: Run) -> dict | None:
         dynamic_ncols=True,
     )
     for epoch in range(st.epoch, cfg.train.epochs):
-        if st.global_step >= run.total_steps:
+        if st.global_step >= run.total_steps or st.early_stopped:
             break
         st.epoch = epoch
         train_one_epoch(run)
@@ -390,13 +393,13 @@ def train_one_epoch(run: Run) -> None:
         if st.global_step % cfg.train.log_every == 0 or st.global_step == run.total_steps:
             log_train(run, win)
             win = Window(acc.device)
+        if cfg.eval.every_steps and st.global_step % cfg.eval.every_steps == 0:
+            evaluate_and_track(run)  # before the checkpoint of the same step, so that it holds this eval
+            run.model.train()
         if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
             save_checkpoint(run)
-        if cfg.eval.every_steps and st.global_step % cfg.eval.every_steps == 0:
-            evaluate_and_track(run)
-            run.model.train()
         run.stopping = should_stop(run)  # voted every step, so all ranks stop after the same one
-        if st.global_step >= run.total_steps or run.stopping:
+        if st.global_step >= run.total_steps or run.stopping or st.early_stopped:
             break
 
 
@@ -529,11 +532,38 @@ def evaluate_and_track(run: Run) -> dict:
     if score > st.best_score:
         st.best_score = score
         st.best = {"step": st.global_step, "epoch": row["epoch"], "splits": results}
+        st.evals_without_improvement = 0
         run.metrics.best(row)  # best/<metric> in the W&B summary
         checkpoint.export_model(run.acc, run.model, run.tokenizer, run.out / "best")
         write_test_predictions(run)
+    else:
+        st.evals_without_improvement += 1
+    check_early_stop(run, row["epoch"])
     run.model.train()
     return results
+
+
+def check_early_stop(run: Run, epoch: float) -> None:
+    """After an eval: stop once train.early_stopping_patience evals in a row did not beat the best one.
+
+    Every rank sees the same gathered metrics, so every rank decides the same at the same step."""
+    st, patience = run.state, run.cfg.train.early_stopping_patience
+    if not patience or st.early_stopped or st.evals_without_improvement < patience:
+        return
+    st.early_stopped = {
+        "at_step": st.global_step,
+        "epoch": epoch,
+        "patience": patience,
+        "best_step": st.best.get("step"),
+    }
+    if run.acc.is_main_process:
+        log.info(
+            "early stopping at step %d: %d evaluations without improvement of the task score (best at step %s; "
+            "best/ and its predictions are kept)",
+            st.global_step,
+            patience,
+            st.best.get("step"),
+        )
 
 
 def write_test_predictions(run: Run) -> None:
@@ -574,7 +604,10 @@ def finish(run: Run) -> dict:
         "main_metric": run.task.main_metric,
         "final": st.last_eval,  # train() evaluated at the last step
         "best": st.best,
+        "early_stopped": st.early_stopped,  # None: ran to train.epochs / train.max_steps
     }
+    if st.early_stopped:
+        run.metrics.summary({f"early_stopped/{k}": v for k, v in st.early_stopped.items()})
     if run.acc.is_main_process:
         write_atomic(run.out / "eval_results.json", json.dumps(results, indent=1))  # the "finished" marker
     run.metrics.close()

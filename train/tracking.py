@@ -338,6 +338,11 @@ class Tracker(MetricsLog):
         summary.update({"best/step": row["step"], "best/epoch": row["epoch"]})
         self.wandb_run.summary.update(summary)
 
+    def summary(self, values: dict) -> None:
+        """Set keys of the W&B run summary (e.g. ``early_stopped/at_step``); nothing without W&B."""
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
     def close(self, preempted: bool = False) -> None:
         """Finish the W&B run (marked as preempted when the job will be requeued)."""
         if self.wandb_run is None:
