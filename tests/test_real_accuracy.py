@@ -45,3 +45,38 @@ def test_minilm_sst2_reaches_078(tmp_path):
     dev = res["final"]["splits"]["validation"]
     assert res["final"]["step"] == 375  # 2000 / 16 x 3
     assert dev["accuracy"] >= 0.78, dev
+
+
+def test_lr_search_over_seeds_selects_1e4(tmp_path):
+    """A real search: all-MiniLM-L6-v2, the first 2,000 SST-2 rows, 1 epoch, train.lr 2e-5 vs 1e-4, seeds 1 and 2,
+    through train.sweep and train.report. One epoch is too short for 2e-5 (~0.55, see above); the selection must
+    be lr 1e-4 (a float in selection.json, as in the config) with a median of at least 0.78."""
+    from train import report, sweep
+
+    glue = need_shared_glue()
+    out = tmp_path / "search"
+    overrides = [
+        f"model.name_or_path={minilm_path()}",
+        f"data.glue_dir={glue}",
+        "data.max_train_samples=2000",
+        "train.epochs=1",
+        "eval.predict_test=false",
+        "train.log_every=25",
+    ]
+    argv = [
+        "--tasks",
+        "sst2",
+        "--seeds",
+        "1,2",
+        "--out",
+        str(out),
+        "--grid",
+        "train.lr=2e-5,1e-4",
+        *overrides,
+    ]
+    assert sweep.main(argv) == 0
+    assert report.main([str(out), "--no-submission"]) == 0
+    picked = json.loads((out / "selection.json").read_text())["sst2"]
+    assert picked["overrides"] == {"train.lr": 1e-4} and picked["tag"] == "lr1e-4", picked
+    assert picked["seeds"] == [1, 2] and picked["median"] >= 0.78, picked
+    assert "**selected**" in (out / "results.md").read_text()

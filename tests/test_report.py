@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import zipfile
 from pathlib import Path
 
@@ -328,3 +329,123 @@ def test_validator_on_zip_and_folder(tmp_path: Path):
     sources = {p.name: p for p in (preds / "predictions").glob("*.tsv")}
     assert submission.build_zip(sources, tmp_path / "s.zip").ok
     assert submission.main(["validate", str(tmp_path / "s.zip"), "--strict"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# search: the override set with the best median over seeds
+
+# task -> override set (train.lr) -> dev score per seed 1, 2, 3
+GRID = {
+    # B has the best median; C holds the best single run (0.90), which a best-run pick would take
+    "rte": {"1e-5": [0.60, 0.70, 0.80], "2e-5": [0.50, 0.72, 0.73], "3e-5": [0.90, 0.40, 0.41]},
+    # equal medians and means: the smaller std wins (A)
+    "mrpc": {"1e-5": [0.80, 0.80, 0.80], "2e-5": [0.70, 0.80, 0.90]},
+    # equal medians: the higher mean wins (C), whatever the std
+    "sst2": {"1e-5": [0.80, 0.80, 0.80], "3e-5": [0.79, 0.80, 0.84]},
+}
+SELECTED = {"rte": ("2e-5", 3), "mrpc": ("1e-5", 1), "sst2": ("3e-5", 3)}  # (lr, best seed)
+
+
+def write_scored(root: Path, task: str, seed: int, score: float, lr: str) -> Path:
+    """A finished run whose every dev metric (and so its score) is ``score``; config.yaml holds train.lr."""
+    folder = root / f"{task}-s{seed}-lr{lr}"
+    folder.mkdir(parents=True)
+    splits = {
+        s.name: {**{m: score for m in report.TASKS[task].metrics}, "score": score, "loss": 0.5}
+        for s in report.TASKS[task].split("dev")
+    }
+    results = {
+        "task": task,
+        "model": "bert-base-uncased",
+        "seed": seed,
+        "main_metric": "score",
+        "final": {"step": 10, "epoch": 1.0, "splits": splits},
+        "best": {"step": 10, "epoch": 1.0, "splits": splits},
+    }
+    cfg = {"seed": seed, "data": {"task": task}, "train": {"lr": float(lr), "epochs": 3}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    return folder
+
+
+@pytest.fixture
+def grid_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "search"
+    runs = []
+    for task, sets in GRID.items():
+        for lr, scores in sets.items():
+            for seed, score in enumerate(scores, start=1):
+                folder = write_scored(root, task, seed, score, lr)
+                runs.append(
+                    {"name": folder.name, "task": task, "seed": seed, "tag": f"lr{lr}", "folder": folder.name,
+                     "set": [f"train.lr={lr}"]}
+                )  # fmt: skip
+                name = next(n for n, t in submission.submission_tasks().items() if t.name == task)
+                picked = (lr, seed) == SELECTED[task]
+                # only the selected set's best seed has valid files, so a wrong choice fails validation
+                write_predictions(folder, name, rows=None if picked else 5)
+    (root / report.MANIFEST).write_text(json.dumps({"runs": runs}))
+    return root
+
+
+def test_selection_by_median_with_tie_rules(grid_dir: Path):
+    rep = report.build_report(grid_dir)
+    picked = json.loads((grid_dir / "selection.json").read_text())
+    assert picked == rep.selection
+    for task, (lr, best_seed) in SELECTED.items():
+        sel = picked[task]
+        assert sel["tag"] == f"lr{lr}" and sel["overrides"] == {"train.lr": float(lr)}, (task, sel)
+        assert isinstance(sel["overrides"]["train.lr"], float)  # typed as in the config, not "2e-5"
+        scores = GRID[task][lr]
+        assert sel["median"] == pytest.approx(sorted(scores)[1])
+        assert sel["mean"] == pytest.approx(sum(scores) / 3)
+        assert sel["std"] == pytest.approx(statistics.stdev(scores))
+        assert sel["seeds"] == [1, 2, 3] and sel["n"] == 3
+        assert sel["runs"] == [f"{task}-s{s}-lr{lr}" for s in (1, 2, 3)]
+        assert (sel["best_seed"], sel["best_run"]) == (best_seed, f"{task}-s{best_seed}-lr{lr}")
+    assert picked["rte"]["median"] == pytest.approx(0.72) and picked["mrpc"]["std"] == pytest.approx(0.0)
+
+
+def test_submission_uses_the_selected_sets_best_seed(grid_dir: Path):
+    rep = report.build_report(grid_dir)
+    with zipfile.ZipFile(rep.outputs["zip"]) as zf:
+        assert sorted(zf.namelist()) == ["MRPC.tsv", "RTE.tsv", "SST-2.tsv"]
+        assert zf.read("RTE.tsv") == (grid_dir / "rte-s3-lr2e-5" / "predictions" / "RTE.tsv").read_bytes()
+    assert not any(rep.validation.problems.values()), rep.validation.lines()  # no 5-row file got in
+    assert report.best_runs(rep.records)["rte"].name == "rte-s1-lr3e-5"  # the best single run is elsewhere
+    md = rep.outputs["md"].read_text()
+    assert "`rte-s3-lr2e-5` (set `bert-base-uncased · lr2e-5`, seed 3, dev score 73.00)" in md
+    assert "predictions of the **selected override set**" in md
+
+
+def test_results_md_lists_the_whole_grid_and_the_selected_glue(grid_dir: Path):
+    md = report.build_report(grid_dir, with_submission=False).outputs["md"].read_text()
+    search = md.split("## Search: override sets per task")[1].split("## Selected override sets")[0]
+    rows = [ln for ln in search.splitlines() if ln.startswith("| RTE |")]
+    assert len(rows) == 3  # every set of the grid, best median first
+    assert rows[0].startswith(
+        "| RTE | bert-base-uncased · lr2e-5 | `train.lr=2e-05` | 3 | 72.00 | 65.00 ± 13.00 |"
+    )
+    assert rows[0].endswith("**selected** |") and not rows[1].endswith("**selected** |")
+    assert "| RTE | bert-base-uncased · lr3e-5 | `train.lr=3e-05` | 3 | 41.00 | 57.00 ± 28.58 |" in search
+    assert "median" in search and "selection.json" in search
+    selected = md.split("## Selected override sets")[1].split("## Runs not finished")[0]
+    assert "| RTE | accuracy | 3 | 65.00 ± 13.00 | 72.00 |" in selected
+    # 3 of 10 entries: no GLUE score, and the average is over the selected sets' means (65, 80, 81)
+    assert "not available" in selected and "Average over the 3 entries present: 75.33" in selected
+    assert "the GLUE score below is the one of the search" in selected
+
+
+def test_set_keys_without_a_sweep_manifest(grid_dir: Path):
+    (grid_dir / report.MANIFEST).unlink()  # folders not made by train.sweep: the differing config keys
+    picked = report.build_report(grid_dir, with_submission=False).selection
+    assert picked["rte"]["overrides"] == {"train.lr": 2e-5} and picked["rte"]["tag"] == "lr2e-5"
+
+
+def test_one_set_per_task_selects_it(sweep_dir: Path):
+    rep = report.build_report(sweep_dir, with_submission=False)
+    assert rep.selection["rte"]["tag"] == "" and rep.selection["rte"]["overrides"] == {}
+    assert rep.selection["rte"]["median"] == pytest.approx(0.70)
+    md = rep.outputs["md"].read_text()
+    assert "One override set per task: nothing to choose between." in md
+    assert "## Selected override sets" not in md

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import report, sweep
+from train import report, search, sweep
 
 TINY_TASK = """\
 model:
@@ -430,3 +430,266 @@ def test_sweep_on_a_real_slurm_array(tmp_path, config_dir, monkeypatch, capfd):
         assert (out / "logs" / f"glue-sweep-{job}_{i}.out").is_file()
     assert sweep.main(args) == 0  # everything finished: nothing to submit
     assert "2 of 2 runs already finished" in capfd.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# search spaces
+
+
+def test_search_files_equal_their_grid_options(tmp_path: Path, config_dir: Path, capsys):
+    """Every shipped search space loads; --search bert.yaml is the --grid options it stands for."""
+    spaces = {
+        p.stem: search.load_search(p) for p in sorted((sweep.REPO / "sweeps" / "search").glob("*.yaml"))
+    }
+    assert {"bert", "roberta", "quick"} <= set(spaces)
+    assert all(s.source.strip() for s in spaces.values())
+    assert spaces["bert"].grid == ("train.lr=2e-5,3e-5,5e-5", "train.epochs=2,3,4")
+    assert "train.weight_decay=0.1" in spaces["roberta"].overrides
+    out = tmp_path / "out"
+    by_search = sweep.plan(
+        ["rte", "sst2"], [1, 2], out, config_dir, *sweep.search_options("sweeps/search/bert.yaml", [])[::-1]
+    )
+    by_grid = sweep.plan(
+        ["rte", "sst2"], [1, 2], out, config_dir, [], ["train.lr=2e-5,3e-5,5e-5", "train.epochs=2,3,4"]
+    )
+    assert by_search == by_grid and len(by_search) == 2 * 2 * 9
+    assert by_search[0].name == "rte-s1-lr2e-5_epochs2" and by_search[0].set_overrides == (
+        "train.lr=2e-5",
+        "train.epochs=2",
+    )
+    # roberta: 6 sets, each with the fixed settings before its grid point, and every config loads
+    (run, *_) = runs = sweep.plan(
+        ["rte"], [1], out, config_dir, *sweep.search_options("sweeps/search/roberta.yaml", [])[::-1]
+    )
+    assert len(runs) == 6 and run.overrides[-2:] == ("train.lr=1e-5", "train.effective_batch_size=16")
+    assert "train.max_grad_norm=null" in run.overrides
+    sweep.check_plan(runs)
+    from train.config import load_config
+
+    cfg = load_config(run.configs, sweep.train_overrides(run))
+    assert (cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.train.lr) == (0.1, None, 1e-5)
+    args = ["--tasks", "rte", "--seeds", "1", "--out", str(out), "--config-dir", str(config_dir)]
+    assert sweep.main([*args, "--search", "sweeps/search/quick.yaml", "--slurm", "--dry-run"]) == 0
+    assert len((out / sweep.LIST_FILE).read_text().splitlines()) == 3
+    assert sweep.main([*args, "--search", "sweeps/search/quick.yaml", "--grid", "train.lr=1,2"]) == 2
+    assert "already an axis" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("source: x\n", "needs 'grid'"),
+        ("grid:\n  train.lr: [1e-5]\n", "needs 'grid' (its axes) and 'source'"),
+        ("source: x\ngrid:\n  train.lr: []\n", "needs a list of values"),
+        ("source: x\ngrid:\n  train.lr: [1e-5, 2e-5]\n  train.lr: [3e-5]\n", "names ['train.lr'] twice"),
+        ("source: x\ngrid: {train.lr: [1e-5]}\noverrides: [train.lr=2e-5]\n", "both a grid axis and"),
+        ("source: x\ngrid: {train.lr: [1e-5]}\noverrides: [nonsense]\n", ":3: override 'nonsense'"),
+        ("source: x\ngrids: {}\n", "unknown field(s) ['grids']"),
+    ],
+)
+def test_search_file_errors_name_the_file(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(search.SearchError) as err:
+        search.load_search(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --warm-start mnli
+
+
+@pytest.fixture
+def warm_config_dir(config_dir: Path) -> Path:
+    for task in ("mnli", "stsb"):
+        (config_dir / f"{task}.yaml").write_text(TINY_TASK.format(task=task))
+    return config_dir
+
+
+def test_warm_start_runs_mnli_first_locally(tmp_path, warm_config_dir, fake_train, monkeypatch, capsys):
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: ["0", "1"])
+    out = tmp_path / "out"
+    args = [
+        "--tasks",
+        "rte,sst2,stsb,mnli",
+        "--seeds",
+        "1,2",
+        "--out",
+        str(out),
+        "--config-dir",
+        str(warm_config_dir),
+    ]
+    assert sweep.main([*args, "--warm-start", "mnli"]) == 0
+    got = calls(fake_train)
+    mnli_end = max(c["end"] for c in got if c["name"].startswith("mnli"))
+    warm = [c for c in got if c["name"].split("-")[0] in sweep.WARM_TASKS]
+    assert len(got) == 8 and len(warm) == 4
+    assert all(c["start"] >= mnli_end for c in warm)  # every MNLI run had finished
+    by_start = [c["name"] for c in sorted(got, key=lambda c: c["start"])]
+    assert sorted(by_start[:2]) == ["mnli-s1", "mnli-s2"]  # first in the queue
+    for c in got:
+        init = [a for a in c["argv"] if a.startswith("model.init_from=")]
+        assert init == ([f"model.init_from={out.resolve()}@mnli"] if c in warm else [])
+    manifest = {r["name"]: r for r in json.loads((out / sweep.MANIFEST).read_text())["runs"]}
+    assert manifest["rte-s1"]["after"] == "mnli" and manifest["sst2-s1"]["after"] is None
+
+    # an MNLI run that fails: nothing warm starts, the others run, the sweep says so and exits 1
+    out2 = tmp_path / "out2"
+    monkeypatch.setenv("FAKE_FAIL", "mnli-s2")
+    args2 = [*args[:5], str(out2), *args[6:], "--warm-start", "mnli"]
+    assert sweep.main(args2) == 1
+    names = [c["name"] for c in calls(fake_train)[8:]]
+    assert sorted(names) == ["mnli-s1", "mnli-s2", "sst2-s1", "sst2-s2"]
+    printed = capsys.readouterr().out
+    assert (
+        "not starting rte-s1, rte-s2, stsb-s1, stsb-s2: a mnli run they start from did not finish" in printed
+    )
+    assert sweep.main(["--tasks", "rte", "--seeds", "1", "--out", str(tmp_path / "none"), "--config-dir",
+                       str(warm_config_dir), "--warm-start", "mnli"]) == 2  # fmt: skip
+    assert "add mnli to --tasks" in capsys.readouterr().err
+
+
+def test_warm_start_slurm_second_array_depends_on_the_first(tmp_path, warm_config_dir, monkeypatch, capfd):
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--config-dir", str(warm_config_dir), "--warm-start", "mnli", "--slurm"]
+    res, script = out.resolve(), sweep.REPO / "slurm" / "sweep.sbatch"
+    # --dry-run: both arrays, as a script that hands the first job id to the second's --dependency
+    assert sweep.main(["--tasks", "mnli,rte,stsb", "--seeds", "1,2", *common, "--dry-run"]) == 0
+    printed = capfd.readouterr().out.strip().splitlines()[-2:]
+    log = f"--output={res}/logs/%x-%A_%a.out"
+    assert printed == [
+        f"JOB=$(sbatch --parsable --array=0-1 {log} {script} {res}/{sweep.LIST_FILE})",
+        f"sbatch --array=0-3 {log} --dependency=afterok:${{JOB}} {script} {res}/{sweep.WARM_LIST_FILE}",
+    ]
+    first = (out / sweep.LIST_FILE).read_text().splitlines()
+    second = (out / sweep.WARM_LIST_FILE).read_text().splitlines()
+    assert [ln.split()[:2] for ln in first] == [["mnli", "1"], ["mnli", "2"]]
+    assert [ln.split()[:2] for ln in second] == [["rte", "1"], ["rte", "2"], ["stsb", "1"], ["stsb", "2"]]
+    assert all(ln.endswith(f"model.init_from={res}@mnli") for ln in second)
+
+    # submitted: the second sbatch waits for exactly the first array's MNLI tasks
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch_args\necho "Submitted batch job 42"\n'
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert sweep.main(["--tasks", "sst2,mnli,rte", "--seeds", "1,2", *common]) == 0
+    calls_ = (tmp_path / "sbatch_args").read_text().splitlines()
+    assert calls_[0] == f"--array=0-3 {log} {script} {res}/{sweep.LIST_FILE}"
+    assert (
+        calls_[1] == f"--array=0-1 {log} --dependency=afterok:42_0:42_1 {script} {res}/{sweep.WARM_LIST_FILE}"
+    )
+    assert [ln.split()[:2] for ln in (out / sweep.LIST_FILE).read_text().splitlines()][:2] == [
+        ["mnli", "1"],
+        ["mnli", "2"],
+    ]
+    # MNLI finished: the warm array goes alone, without a dependency
+    for seed in (1, 2):
+        (out / f"mnli-s{seed}").mkdir(exist_ok=True)
+        (out / f"mnli-s{seed}" / "eval_results.json").write_text("{}")
+        (out / f"sst2-s{seed}").mkdir(exist_ok=True)
+        (out / f"sst2-s{seed}" / "eval_results.json").write_text("{}")
+    (tmp_path / "sbatch_args").unlink()
+    assert sweep.main(["--tasks", "sst2,mnli,rte", "--seeds", "1,2", *common]) == 0
+    assert (tmp_path / "sbatch_args").read_text().splitlines() == [
+        f"--array=0-1 {log} {script} {res}/{sweep.WARM_LIST_FILE}"
+    ]
+
+
+WARM_TASK = """\
+model:
+  name_or_path: builtin:tiny-bert
+data:
+  task: {task}
+  glue_dir: {glue}
+train:
+  epochs: 1
+  max_steps: 4
+  lr: 1.0e-3
+  log_every: 2
+eval:
+  predict_test: false
+"""
+
+
+@pytest.fixture
+def real_warm_configs(tmp_path: Path) -> Path:
+    """Tiny real runs: MNLI and STS-B on the test fixtures, RTE and SST-2 on the bundled sample."""
+    folder = tmp_path / "warm-configs"
+    folder.mkdir()
+    fixtures = sweep.REPO / "tests" / "fixtures"
+    sample = "builtin:glue-sample"
+    for task, glue in (("mnli", fixtures), ("stsb", fixtures), ("rte", sample), ("sst2", sample)):
+        (folder / f"{task}.yaml").write_text(WARM_TASK.format(task=task, glue=glue))
+    return folder
+
+
+def _check_warm_runs(out: Path, tasks: tuple[str, ...]) -> None:
+    """Each warm-started run began after the MNLI run finished, from its best model, and says so."""
+    mnli = (out / "mnli-s1").resolve()
+    done = (mnli / "eval_results.json").stat().st_mtime
+    for task in tasks:
+        run = out / f"{task}-s1"
+        info = json.loads((run / "run_info.json").read_text())["init_from"]
+        assert info["run"] == str(mnli) and info["model_folder"] == str(mnli / "best"), info
+        assert info["selected"]["task"] == "mnli" and info["head"]["kind"] == "new"
+        assert (
+            yaml.safe_load((run / "config.yaml").read_text())["model"]["init_from"] == f"{out.resolve()}@mnli"
+        )
+        assert (run / "config.yaml").stat().st_mtime >= done  # it started after MNLI had finished
+        assert sweep.is_finished(sweep.plan([task], [1], out)[0])
+
+
+@pytest.mark.slow
+def test_warm_start_end_to_end_locally(tmp_path, real_warm_configs):
+    out = tmp_path / "sweep"
+    args = [
+        "--tasks",
+        "rte,stsb,mnli",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--config-dir",
+        str(real_warm_configs),
+    ]
+    assert sweep.main([*args, "--warm-start", "mnli"]) == 0
+    _check_warm_runs(out, ("rte", "stsb"))
+
+
+@pytest.mark.slurm
+def test_warm_start_on_a_real_slurm_cluster(tmp_path, real_warm_configs, monkeypatch, capfd):
+    """Needs the test cluster (tests/slurm/cluster.sh start): the warm array waits for the first array's MNLI task
+    (afterok on that array element: SST-2, also in the first array, need not finish first)."""
+    if shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
+        pytest.skip("no SLURM cluster: run `tests/slurm/cluster.sh start` first")
+    monkeypatch.setenv("PROCS_PER_NODE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "sweep"
+    args = [
+        "--tasks",
+        "mnli,sst2,rte,stsb",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--config-dir",
+        str(real_warm_configs),
+    ]
+    slurm = ["--slurm", "--sbatch-arg=--gres=none", "--sbatch-arg=--cpus-per-task=2"]
+    assert sweep.main([*args, "--warm-start", "mnli", *slurm]) == 0
+    first, second = re.findall(r"Submitted batch job (\d+)", capfd.readouterr().out)
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
+        assert re.search(rf"Dependency=afterok:{first}_0\b", shown), shown  # while MNLI runs or waits
+        runs = [out / f"{t}-s1" for t in ("mnli", "sst2", "rte", "stsb")]
+        deadline = time.monotonic() + 600
+        while not all((r / "eval_results.json").is_file() for r in runs):
+            assert time.monotonic() < deadline, sorted(p.name for p in (out / "logs").iterdir())
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", first, second], capture_output=True)
+    _check_warm_runs(out, ("rte", "stsb"))
+    assert (out / "logs" / f"glue-sweep-{second}_0.out").is_file()

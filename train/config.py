@@ -55,6 +55,20 @@ class ModelConfig:
         False,
         "allow a checkpoint that needs Python code from its own repository (loading it RUNS that code)",
     )
+    init_from: str | None = f(
+        None,
+        "start from other weights than model.name_or_path's: a run folder (its best/ model), a model folder, or "
+        "SWEEP_DIR@task (the best seed of that task's selected override set in a sweep folder, as train.report "
+        "selects it); the tokenizer saved with those weights is used and model.name_or_path only names the run "
+        "(train/warm_start.py); recorded in run_info.json",
+    )
+    init_head: Literal["auto", "new", "map"] = f(
+        "auto",
+        "with model.init_from: auto = keep the saved classification head when it predicts this task's labels "
+        "(same names, same order), else a new one; new = always a new head; map = like auto, but build the "
+        "head from the saved one when every label maps by name (X from X, not_X from the other labels: "
+        "MNLI -> RTE, QNLI, WNLI)",
+    )
 
 
 @dataclass
@@ -105,6 +119,11 @@ class TrainConfig:
     adam_eps: float = f(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = f(1.0, "clip the global gradient norm to this (None: no clipping)")
     log_every: int = f(10, "log train metrics every N optimizer steps")
+    early_stopping_patience: int | None = f(
+        None,
+        "stop after N evaluations in a row without improvement of the task score (the best/ model and its "
+        "predictions stay; eval_results.json says so under early_stopped); unset = off",
+    )
     max_nonfinite_skips: int = f(
         0,
         "bf16/fp32: skip up to N optimizer steps whose loss or grad norm is not finite, then stop with an "
@@ -423,6 +442,7 @@ def load_config(
 PATH_KEYS = (
     "output_dir",
     "model.name_or_path",
+    "model.init_from",
     "data.glue_dir",
     "data.hub_dataset",
     "data.cache_dir",
@@ -508,6 +528,7 @@ def validate(cfg: Config) -> None:
         "data.pad_to_multiple_of",
         "data.max_train_samples",
         "data.max_eval_samples",
+        "train.early_stopping_patience",
     )
     for key in at_least_one:
         value = _get(cfg, key)

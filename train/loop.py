@@ -51,6 +51,8 @@ class TrainState:
     train_seconds: float = 0.0  # wall time of the training steps, summed over starts (no eval, no start-up)
     samples: int = 0  # real samples trained on, summed over starts
     tokens: int = 0  # real (non-pad) tokens of them
+    evals_without_improvement: int = 0  # since the best eval (train.early_stopping_patience)
+    early_stopped: dict | None = None  # {"at_step", "epoch", "patience", "best_step"} once patience ran out
 
     @property
     def last_eval_step(self) -> int:
@@ -376,6 +378,7 @@ def write_run_info(run: Run, n_train: int, steps_per_epoch: int) -> None:
         "backend": run.backend.title(run.acc),
         run.backend.name: run.backend.describe(run.acc),  # its own settings (DeepSpeed: the filled JSON)
         "model_inputs": list(run.inputs.model_keys),
+        "init_from": getattr(run.acc.unwrap_model(run.model), "init_source", None),  # train/warm_start.py
         "train_rows": n_train,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": run.total_steps,
@@ -426,7 +429,7 @@ def train(run: Run) -> dict | None:
 def _train(run: Run) -> dict | None:
     cfg, st = run.cfg, run.state
     for epoch in range(st.epoch, cfg.train.epochs):
-        if st.global_step >= run.total_steps:
+        if st.global_step >= run.total_steps or st.early_stopped:
             break
         st.epoch = epoch
         train_one_epoch(run)
@@ -481,13 +484,13 @@ def train_one_epoch(run: Run) -> None:
         if st.global_step % cfg.train.log_every == 0 or st.global_step == run.total_steps:
             log_train(run, win)
             win = Window(acc.device)
+        if cfg.eval.every_steps and st.global_step % cfg.eval.every_steps == 0:
+            evaluate_and_track(run)  # before the checkpoint of the same step, so that it holds this eval
+            run.model.train()
         if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
             save_checkpoint(run)
-        if cfg.eval.every_steps and st.global_step % cfg.eval.every_steps == 0:
-            evaluate_and_track(run)
-            run.model.train()
         run.stopping = should_stop(run)  # voted every step, so all ranks stop after the same one
-        if st.global_step >= run.total_steps or run.stopping:
+        if st.global_step >= run.total_steps or run.stopping or st.early_stopped:
             break
 
 
@@ -630,11 +633,38 @@ def evaluate_and_track(run: Run) -> dict:
     if score > st.best_score:
         st.best_score = score
         st.best = {"step": st.global_step, "epoch": row["epoch"], "splits": results}
+        st.evals_without_improvement = 0
         run.metrics.best(row)  # best/<metric> in the W&B summary
         checkpoint.export_model(run.acc, run.model, run.tokenizer, run.out / "best")
         write_test_predictions(run)
+    else:
+        st.evals_without_improvement += 1
+    check_early_stop(run, row["epoch"])
     run.model.train()
     return results
+
+
+def check_early_stop(run: Run, epoch: float) -> None:
+    """After an eval: stop once train.early_stopping_patience evals in a row did not beat the best one.
+
+    Every rank sees the same gathered metrics, so every rank decides the same at the same step."""
+    st, patience = run.state, run.cfg.train.early_stopping_patience
+    if not patience or st.early_stopped or st.evals_without_improvement < patience:
+        return
+    st.early_stopped = {
+        "at_step": st.global_step,
+        "epoch": epoch,
+        "patience": patience,
+        "best_step": st.best.get("step"),
+    }
+    if run.acc.is_main_process:
+        log.info(
+            "early stopping at step %d: %d evaluations without improvement of the task score (best at step %s; "
+            "best/ and its predictions are kept)",
+            st.global_step,
+            patience,
+            st.best.get("step"),
+        )
 
 
 def write_test_predictions(run: Run) -> None:
@@ -675,6 +705,7 @@ def finish(run: Run) -> dict:
         "main_metric": run.task.main_metric,
         "final": st.last_eval,  # train() evaluated at the last step
         "best": st.best,
+        "early_stopped": st.early_stopped,  # None: ran to train.epochs / train.max_steps
     }
     if run.acc.is_main_process:
         update_run_info(run, **end_info(run))  # train time, throughput, where W&B keeps the run
@@ -684,9 +715,9 @@ def finish(run: Run) -> dict:
         log.info("\n".join(summary.lines(run.out)))
     speed = run.info.get("throughput") or {}
     timing = {"train_time_s": run.info.get("train_time_s"), **{f"perf/mean_{k}": v for k, v in speed.items()}}
-    run.metrics.summary(
-        {**summary_numbers(results, run.task), **timing}
-    )  # the summary block's numbers in W&B
+    numbers = {**summary_numbers(results, run.task), **timing}
+    numbers.update({f"early_stopped/{k}": v for k, v in (st.early_stopped or {}).items()})
+    run.metrics.summary(numbers)  # the summary block's numbers in the W&B run summary
     run.metrics.wrong_predictions(run.task, run.cfg.data)  # W&B table of the best model's mistakes
     run.metrics.close()
     run.acc.wait_for_everyone()

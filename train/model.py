@@ -10,6 +10,7 @@ import inspect
 import logging
 from pathlib import Path
 
+from train import warm_start
 from train.config import Config, ConfigError
 from train.data import Inputs, offline_advice, resolve_builtin
 from train.tasks import Task
@@ -54,26 +55,32 @@ def _load_error(name: str, e: Exception) -> ConfigError:
     return ConfigError(f"model.name_or_path: could not load '{name}' ({_first_line(e)}); {what}")
 
 
-def _check_tokenizer_files(name: str) -> None:
+def _check_tokenizer_files(name: str, key: str = "model.name_or_path") -> None:
     folder = Path(name)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
         raise ConfigError(
-            f"model.name_or_path: the folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}; "
+            f"{key}: the folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}; "
             f"it holds {present}). Save the tokenizer next to the weights (tokenizer.save_pretrained(folder)) "
             "or copy its files from the checkpoint the model came from"
         )
 
 
 def load_tokenizer(cfg: Config):
-    """The checkpoint's fast tokenizer; a pad token is taken from EOS for decoder checkpoints that have none."""
+    """The checkpoint's fast tokenizer; a pad token is taken from EOS for decoder checkpoints that have none.
+
+    With ``model.init_from`` it is the tokenizer saved with those weights (train/warm_start.py)."""
     from transformers import AutoTokenizer
 
-    name = resolve_builtin(cfg.model.name_or_path)
-    _check_tokenizer_files(name)
+    src = warm_start.resolve(cfg)
+    name = str(src.model_dir) if src else resolve_builtin(cfg.model.name_or_path)
+    _check_tokenizer_files(name, "model.init_from" if src else "model.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(
-            name, revision=cfg.model.revision, use_fast=True, trust_remote_code=cfg.model.trust_remote_code
+            name,
+            revision=None if src else cfg.model.revision,
+            use_fast=True,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         raise _load_error(name, e) from None
@@ -182,19 +189,25 @@ def _attention_kwargs(cfg: Config, cls, name: str) -> dict:
 
 
 def load_model(cfg: Config, task: Task, tokenizer):
-    """The encoder with a fresh (or the checkpoint's) head for ``task``; dropout and attention as configured."""
+    """The encoder with a fresh (or the checkpoint's) head for ``task``; dropout and attention as configured.
+
+    With ``model.init_from`` the weights come from that folder (train/warm_start.py); ``model.init_source`` then
+    says from where (for run_info.json), else it is None."""
     from transformers import AutoConfig
 
-    name = resolve_builtin(cfg.model.name_or_path)
+    src = warm_start.resolve(cfg)
+    name = str(src.model_dir) if src else resolve_builtin(cfg.model.name_or_path)
+    revision = None if src else cfg.model.revision
     kwargs: dict = {"num_labels": task.num_labels}
     if task.is_regression:
         kwargs["problem_type"] = "regression"
     else:
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
+        kwargs["problem_type"] = None  # a checkpoint fine-tuned for regression (STS-B) must not stay one
     try:
         mcfg = AutoConfig.from_pretrained(
-            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+            name, revision=revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs
         )
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _load_error(name, e) from None
@@ -205,17 +218,18 @@ def load_model(cfg: Config, task: Task, tokenizer):
         mcfg.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token with it
     check_lengths(cfg, mcfg, tokenizer, name)
     cls = _model_class(cfg, mcfg, name)
+    load_kwargs = {
+        "ignore_mismatched_sizes": cfg.model.ignore_mismatched_sizes,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "output_loading_info": True,  # (model, info): the load report, in one log line
+        **_attention_kwargs(cfg, cls, name),
+    }
     try:
         with _quiet_transformers():  # its multi-line load report becomes the one line below
-            model, info = cls.from_pretrained(
-                name,
-                config=mcfg,
-                revision=cfg.model.revision,
-                ignore_mismatched_sizes=cfg.model.ignore_mismatched_sizes,
-                trust_remote_code=cfg.model.trust_remote_code,
-                output_loading_info=True,
-                **_attention_kwargs(cfg, cls, name),
-            )
+            if src:
+                model, info = warm_start.load(cls, src, mcfg, task, cfg.model.init_head, **load_kwargs)
+            else:
+                model, info = cls.from_pretrained(name, config=mcfg, revision=revision, **load_kwargs)
     except RuntimeError as e:
         if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
             raise ConfigError(
@@ -236,6 +250,7 @@ def load_model(cfg: Config, task: Task, tokenizer):
         raise _load_error(name, e) from None
     _check_embeddings(model, tokenizer, name)
     log.info("loaded %s (%s)%s", name, type(model).__name__, _load_report(info))
+    model.init_source = src.record() if src else None
     return model
 
 

@@ -1,8 +1,10 @@
 """``python -m train.report DIR``: the GLUE table over seeds, a plot, and the GLUE server zip.
 
 Reads every ``eval_results.json`` under DIR (any depth) and writes into DIR (or ``--out``):
-``results.md`` (tables, missing runs, submission check), ``results.csv`` (one row per task entry and metric),
-``results.png`` (per-entry bars with seed spread and reference marks) and ``submission.zip``.
+``results.md`` (tables, the search over override sets, missing runs, submission check), ``results.csv`` (one row
+per task entry and metric), ``results.png`` (per-entry bars with seed spread and reference marks),
+``selection.json`` (per task the override set with the best median dev score, train/selection.py) and
+``submission.zip`` (the selected set's best seed per task).
 
 Numbers are percent. Per task entry and metric: mean ± sample std (ddof=1) over seeds, median, min, max, n.
 The GLUE score is the official macro average over task entries: CoLA (Matthews), SST-2, MRPC (mean of F1 and
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from train import reference, submission
+from train import reference, selection, submission
 from train.config import model_short_name
+from train.files import write_atomic
 from train.sweep import MANIFEST, STATUS
 from train.tasks import TASKS, Task
 
@@ -88,6 +91,7 @@ class RunRecord:
     results: dict | None = None  # eval_results.json
     status: str = "finished"  # finished | unfinished | failed | not started
     note: str = ""
+    set_overrides: tuple[str, ...] = ()  # the override set (grid point) of the sweep that made it, if any
 
     @property
     def group(self) -> str:
@@ -152,6 +156,7 @@ def _apply_sweep_info(rec: RunRecord, planned: dict | None, status: dict) -> Non
     if planned:
         rec.tag = planned.get("tag", rec.tag)
         rec.name = planned.get("name", rec.name)
+        rec.set_overrides = tuple(planned.get("set", ()))
     st = status.get(rec.name)
     if rec.results is None and st and st.get("rc", 0) != 0:
         rec.status = "failed"
@@ -338,10 +343,16 @@ def best_runs(records: list[RunRecord]) -> dict[str, RunRecord]:
     return {task: run for task, (_, run) in best.items()}
 
 
+def chosen_runs(selected: dict[str, selection.Candidate]) -> dict[str, RunRecord]:
+    """Per task, the seed of the selected override set whose best model has the highest dev score."""
+    return {task: cand.best_run() for task, cand in selected.items()}
+
+
 def write_submission(
-    records: list[RunRecord], dest: Path
+    records: list[RunRecord], dest: Path, selected: dict[str, selection.Candidate] | None = None
 ) -> tuple[dict[str, RunRecord], submission.Validation]:
-    chosen = best_runs(records)
+    """The zip of the selected override set's best seed per task (``selected``: default the median rule)."""
+    chosen = chosen_runs(selection.select(records) if selected is None else selected)
     sources = submission.collect_predictions({t: r.folder for t, r in chosen.items()})
     return chosen, submission.build_zip(sources, dest)
 
@@ -420,10 +431,16 @@ def not_finished_lines(records: list[RunRecord]) -> list[str]:
 
 
 def submission_lines(chosen: dict[str, RunRecord], check: submission.Validation, zip_name: str) -> list[str]:
-    lines = [f"`{zip_name}`: predictions of the best run per task (by the dev score of its best model):", ""]
+    lines = [
+        f"`{zip_name}`: per task the predictions of the **selected override set** (best median dev score, see "
+        "Search), from its seed whose best model has the highest dev score:",
+        "",
+    ]
     for task, run in chosen.items():
         score = run.results["best"]["splits"][primary_split(TASKS[task])]["score"]
-        lines.append(f"- {TASKS[task].dir}: `{run.name}` (seed {run.seed}, dev score {100 * score:.2f})")
+        lines.append(
+            f"- {TASKS[task].dir}: `{run.name}` (set `{run.group}`, seed {run.seed}, dev score {100 * score:.2f})"
+        )
     lines += [
         "",
         "Validation (header, row counts of the official test sets, label strings): "
@@ -431,6 +448,57 @@ def submission_lines(chosen: dict[str, RunRecord], check: submission.Validation,
     ]
     lines += [f"- {p}" for p in check.lines()]
     return lines
+
+
+def _overrides_text(overrides: dict) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "–"
+
+
+def search_lines(cands: dict[str, list[selection.Candidate]], which: str) -> list[str]:
+    """The full grid: every override set of every task with its median ± std over seeds; the selected marked."""
+    if not cands:
+        return ["No finished runs."]
+    lines = [
+        "Per task the override set with the best **median** dev score over its seeds is selected (ties: the "
+        "higher mean, then the smaller std); the dev score of a run is its task score on the primary dev split "
+        f"(MNLI: matched) at its {which} evaluation. The selection is written to `selection.json`; the GLUE "
+        "score of the selected sets and the submission use it. Median, not mean: one lucky or diverged seed "
+        "moves the mean of a small task by points, the median of 3-5 seeds is robust to it.",
+        "",
+        "| Task | set | overrides | n | median | mean ± std | per seed | |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for task, sets in cands.items():
+        for i, cand in enumerate(sets):
+            st = Stat([100 * x for x in cand.scores], cand.seeds)
+            mark = "**selected**" if i == 0 else ""
+            lines.append(
+                f"| {TASKS[task].dir} | {cand.group} | {_overrides_text(selection.set_overrides(cand, sets))} "
+                f"| {st.n} | {fmt(st.median)} | {_mean_std(st)} | {_per_seed(st)} | {mark} |"
+            )
+    if all(len(sets) == 1 for sets in cands.values()):
+        lines += ["", "One override set per task: nothing to choose between."]
+    return lines
+
+
+def selected_summary(
+    selected: dict[str, selection.Candidate], which: str, include_wnli: bool
+) -> GroupSummary:
+    """The GLUE table of the selected override set of every task."""
+    runs = [r for cand in selected.values() for r in cand.runs]
+    return GroupSummary(
+        "selected sets", [summarize_entry(e, runs, which) for e in glue_entries(include_wnli)]
+    )
+
+
+def selected_lines(gs: GroupSummary, include_wnli: bool) -> list[str]:
+    return [
+        "Each task's selected override set (see Search); the GLUE score below is the one of the search.",
+        "",
+        *group_table(gs),
+        "",
+        *glue_lines(gs, include_wnli),
+    ]
 
 
 def write_markdown(
@@ -441,6 +509,8 @@ def write_markdown(
     which: str,
     include_wnli: bool,
     sub: list[str],
+    search: list[str] | None = None,
+    selected: list[str] | None = None,
 ) -> None:
     lines = [
         f"# GLUE dev results: `{root}`",
@@ -455,6 +525,10 @@ def write_markdown(
         lines += ["", f"## {gs.group}", "", *group_table(gs), "", *glue_lines(gs, include_wnli)]
     if not groups:
         lines += ["", "**No finished runs.**"]
+    if search:
+        lines += ["", "## Search: override sets per task", "", *search]
+    if selected:
+        lines += ["", "## Selected override sets", "", *selected]
     lines += ["", "## Runs not finished", "", *not_finished_lines(records), "", "## Submission", "", *sub, ""]
     path.write_text("\n".join(lines))
 
@@ -594,6 +668,7 @@ class Report:
     groups: list[GroupSummary]
     validation: submission.Validation | None
     outputs: dict[str, Path]
+    selection: dict[str, dict] = field(default_factory=dict)  # what selection.json holds
 
 
 def build_report(
@@ -609,16 +684,38 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     records = scan(root)
     groups = summarize(records, which, include_wnli)
+    cands = selection.candidates(records, which)
+    selected = {task: sets[0] for task, sets in cands.items()}
+    chosen_sets = None
+    if any(len(sets) > 1 for sets in cands.values()):  # a search: the selected sets make the GLUE score
+        best = selected_summary(selected, which, include_wnli)
+        chosen_sets = selected_lines(best, include_wnli)
+        groups_out = [*groups, best]
+    else:
+        groups_out = groups
     outputs = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
+    picked = {t: selection.selection_record(c, cands[t], root) for t, c in selected.items()}
+    outputs["selection"] = out / selection.SELECTION_FILE
+    write_atomic(outputs["selection"], json.dumps(picked, indent=1) + "\n")
     check, sub = None, ["Not built (--no-submission)."]
     if with_submission:
         outputs["zip"] = out / "submission.zip"
-        chosen, check = write_submission(records, outputs["zip"])
+        chosen, check = write_submission(records, outputs["zip"], selected)
         sub = submission_lines(chosen, check, outputs["zip"].name)
-    write_csv(outputs["csv"], groups)
-    write_plot(outputs["png"], groups, which, include_wnli)
-    write_markdown(outputs["md"], root, groups, records, which, include_wnli, sub)
-    return Report(records, groups, check, outputs)
+    write_csv(outputs["csv"], groups_out)
+    write_plot(outputs["png"], groups_out, which, include_wnli)
+    write_markdown(
+        outputs["md"],
+        root,
+        groups,
+        records,
+        which,
+        include_wnli,
+        sub,
+        search_lines(cands, which),
+        chosen_sets,
+    )
+    return Report(records, groups, check, outputs, picked)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,6 +4,8 @@
     python -m train.sweep --tasks rte,mrpc --seeds 1-5 --out runs/small train.lr=3e-5     # overrides for every run
     python -m train.sweep --tasks rte --seeds 1,2 --out runs/lr --grid train.lr=2e-5,3e-5  # 2 override sets
     python -m train.sweep --tasks all --seeds 1,2,3 --out runs/glue --slurm [--dry-run]   # SLURM job array
+    python -m train.sweep --search sweeps/search/bert.yaml --tasks rte,mrpc --seeds 1-5 --out runs/s  # a named grid
+    python -m train.sweep --tasks mnli,rte,mrpc,stsb --seeds 1-5 --out runs/w --warm-start mnli     # MNLI first
 
 Each run is ``python -m train --config <config-dir>/<task>.yaml seed=<seed> output_dir=<DIR>/<task>-s<seed>[-<tag>]
 <overrides>``. A run whose folder holds ``eval_results.json`` is finished and skipped; any other is started, and
@@ -15,6 +17,12 @@ asks the running children to checkpoint and stop; rerun the same command to carr
 ``--slurm`` writes ``DIR/sweep_runs.txt``, one line per unfinished run, ``<task> <seed> config=FILE output_dir=RUN
 [key=value ...]``, for ``slurm/sweep.sbatch``, and submits ``sbatch --array=0-<n-1> --output=DIR/logs/%x-%A_%a.out
 slurm/sweep.sbatch DIR/sweep_runs.txt`` (``--dry-run`` prints that command instead).
+
+``--search FILE`` adds the grid axes and fixed overrides of a search space (train/search.py, sweeps/search/).
+``--warm-start mnli``: RTE, MRPC and STS-B runs get ``model.init_from=DIR@mnli`` (the best seed of MNLI's selected
+override set, resolved when the run starts; train/warm_start.py). Locally they start once every MNLI run of the
+sweep has finished (none start if one failed); with ``--slurm`` they go into ``DIR/sweep_runs_warm.txt``, a second
+array submitted with ``--dependency=afterok:<first array>`` (only its MNLI tasks when it holds other runs too).
 """
 
 from __future__ import annotations
@@ -23,19 +31,20 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from train.errors import UserError
 from train.files import write_atomic
+from train.search import SearchError, load_search
 from train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +53,12 @@ SBATCH_SCRIPT = Path("slurm/sweep.sbatch")
 MANIFEST = "sweep.json"  # the planned runs (read by train.report to list runs that never started)
 STATUS = "sweep_status.json"  # exit code of each run this sweep started (read by train.report)
 LIST_FILE = "sweep_runs.txt"
+WARM_LIST_FILE = "sweep_runs_warm.txt"  # --warm-start with --slurm: the second array, after the first
+WARM_TASKS = (
+    "rte",
+    "mrpc",
+    "stsb",
+)  # started from MNLI, as the RoBERTa paper does (Liu et al. 2019, Sec. 5.1)
 LOG_DIR = "logs"
 STOP_GRACE_S = 300  # how long Ctrl-C waits for children to checkpoint
 
@@ -65,6 +80,8 @@ class SweepRun:
     folder: Path  # absolute
     config: Path  # the task's config
     extra_configs: tuple[Path, ...] = ()  # merged after it, in order (--model-config)
+    set_overrides: tuple[str, ...] = ()  # this run's override set (grid point) alone
+    after: str | None = None  # the task whose selected run it starts from (--warm-start), run before it
 
     @property
     def name(self) -> str:
@@ -145,8 +162,9 @@ def plan(
     overrides: list[str] | tuple[str, ...] = (),
     grid: list[str] | tuple[str, ...] = (),
     model_configs: list[str | Path] | tuple[str | Path, ...] = (),
+    warm_start: str | None = None,
 ) -> list[SweepRun]:
-    """The sweep's runs: tasks × seeds × override sets, in that order."""
+    """The sweep's runs: tasks × seeds × override sets, in that order (with ``warm_start``: that task's first)."""
     out, cfg_dir = Path(out).resolve(), resolve_config_dir(config_dir)
     extra = tuple(resolve_file(m) for m in model_configs)
     sets = override_sets(list(grid))
@@ -154,13 +172,20 @@ def plan(
     tags = [tag for tag, _ in sets]
     if len(set(tags)) != len(tags):
         raise SweepError(f"--grid values give the same folder tag twice: {tags}")
+    if warm_start and any(o.split("=", 1)[0].strip() == "model.init_from" for o in overrides):
+        raise SweepError("--warm-start sets model.init_from of the runs it starts; drop model.init_from=...")
     runs = []
     for task, seed, (tag, sets_extra) in itertools.product(tasks, seeds, sets):
         folder = out / run_name(task, seed, tag)
+        after = warm_start if warm_start and task in WARM_TASKS and task != warm_start else None
+        init = (f"model.init_from={out}@{after}",) if after else ()
+        config = cfg_dir / f"{task}.yaml"
         runs.append(
-            SweepRun(task, seed, tag, (*overrides, *sets_extra), folder, cfg_dir / f"{task}.yaml", extra)
+            SweepRun(
+                task, seed, tag, (*overrides, *sets_extra, *init), folder, config, extra, sets_extra, after
+            )
         )
-    return runs
+    return sorted(runs, key=lambda r: r.task != warm_start) if warm_start else runs
 
 
 RESERVED = ("seed", "output_dir")  # set per run by the sweep
@@ -305,6 +330,8 @@ def write_manifest(out: Path, runs: list[SweepRun]) -> None:
             "folder": run.folder.name,
             "config": str(run.config),
             "configs": [str(c) for c in run.configs],
+            "set": list(run.set_overrides),
+            "after": run.after,
         }
     _write_json(out / MANIFEST, {"runs": list(old.values())})
 
@@ -431,18 +458,28 @@ def run_local(
 ) -> dict[str, int]:
     """Run ``runs`` with one child per device at a time (one at a time on CPU); return exit codes by run name.
 
-    ``command`` builds a child's argv (default: ``train_command``).
+    ``command`` builds a child's argv (default: ``train_command``). A run with ``after`` (--warm-start) starts once
+    no run of that task is pending or running; if one of those ended unfinished it never starts.
     """
     command = command or train_command
     slots: list[str | None] = list(devices) if devices else [None]
-    pending, running, codes = deque(runs), {}, {}
+    pending, running, codes = list(runs), {}, {}
+    failed: set[str] = set()  # tasks with a run that ended without eval_results.json
     total = len(runs)
+
+    def ready(run: SweepRun) -> bool:
+        if run.after is None:
+            return True
+        busy = [r for r in pending if r.task == run.after] + [c.run for c in running.values()]
+        return run.after not in failed and not any(r.task == run.after for r in busy)
+
     try:
         while pending or running:
             for slot in [s for s in slots if s not in running]:
-                if not pending:
+                run = next((r for r in pending if ready(r)), None)
+                if run is None:
                     break
-                run = pending.popleft()
+                pending.remove(run)
                 where = f"GPU {slot}" if slot is not None else "CPU"
                 say(f"[{total - len(pending)}/{total}] {run.name}: {describe_start(run)} on {where}")
                 running[slot] = start_child(run, out, slot, command)
@@ -451,7 +488,13 @@ def run_local(
                 if rc is not None:
                     codes[child.run.name] = rc
                     _finish_child(child, out, rc)
+                    if not is_finished(child.run):
+                        failed.add(child.run.task)
                     del running[slot]
+            if pending and not running and not any(ready(r) for r in pending):
+                names = ", ".join(r.name for r in pending)
+                say(f"not starting {names}: a {pending[0].after} run they start from did not finish")
+                break
             time.sleep(poll_s if running else 0)
     except (KeyboardInterrupt, Stop):
         say(f"interrupted: asking {len(running)} running run(s) to checkpoint and stop")
@@ -510,32 +553,86 @@ def resolve_file(script: str | Path) -> Path:
     return path.resolve()
 
 
+def write_list(out: Path, name: str, runs: list[SweepRun]) -> Path:
+    list_file = out / name
+    list_file.write_text("".join(slurm_line(r) + "\n" for r in runs))
+    say(f"wrote {list_file} ({len(runs)} runs)")
+    return list_file
+
+
+def dependency(first: list[SweepRun], source: str | None, job: str) -> str | None:
+    """The second array's ``--dependency``: ``afterok:<job>`` when the first array holds only the source task's
+    runs, else ``afterok:<job>_<i>:...`` on just those array tasks (the others need not finish first); None
+    without a source task or when none of its runs is left to wait for."""
+    idx = [i for i, r in enumerate(first) if source and r.task == source]
+    if not idx:
+        return None
+    return f"afterok:{job}" if len(idx) == len(first) else "afterok:" + ":".join(f"{job}_{i}" for i in idx)
+
+
+def with_dependency(cmd: list[str], dep: str | None) -> list[str]:
+    """The sbatch argv with ``--dependency=<dep>`` before the script and list file."""
+    return cmd if dep is None else [*cmd[:-2], f"--dependency={dep}", *cmd[-2:]]
+
+
+def dry_run_lines(cmds: list[tuple[list[str], str | None]], first: list[SweepRun]) -> list[str]:
+    """What --dry-run prints: the sbatch command(s); with a dependency, as a shell script that passes the first
+    array's job id (``sbatch --parsable``) to the second's ``--dependency`` (left unquoted for the shell)."""
+    deps = [dependency(first, source, "${JOB}") for _, source in cmds]
+    if all(d is None for d in deps):
+        return [shlex.join(cmd) for cmd, _ in cmds]
+    lines = ["JOB=$(" + shlex.join([cmds[0][0][0], "--parsable", *cmds[0][0][1:]]) + ")"]
+    full = with_dependency(cmds[1][0], deps[1])
+    return [*lines, " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in full)]
+
+
+def _sbatch(cmd: list[str]) -> tuple[int, str | None]:
+    """Run one sbatch; (exit code, job id)."""
+    env = {**os.environ, "GLUE_ROOT": os.environ.get("GLUE_ROOT", str(REPO))}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    print(proc.stdout + proc.stderr, end="", flush=True)
+    job = re.search(r"^(?:Submitted batch job )?(\d+)", proc.stdout.strip())
+    say(
+        f"submitted: {shlex.join(cmd)}" if proc.returncode == 0 else f"sbatch failed (exit {proc.returncode})"
+    )
+    return proc.returncode, job.group(1) if job else None
+
+
 def submit_slurm(runs: list[SweepRun], out: Path, args: argparse.Namespace) -> int:
-    """Write the list of unfinished runs and submit (or print) the array job."""
+    """Write the list(s) of unfinished runs and submit (or print) the array job(s).
+
+    With --warm-start the warm-started runs are a second array that waits for the first one's source runs.
+    """
     todo = [r for r in runs if not is_finished(r)]
     say(f"{len(runs) - len(todo)} of {len(runs)} runs already finished")
     if not todo:
         return 0
-    list_file = out / LIST_FILE
-    list_file.write_text("".join(slurm_line(r) + "\n" for r in todo))
+    first, warm = [r for r in todo if r.after is None], [r for r in todo if r.after]
     (out / LOG_DIR).mkdir(exist_ok=True)  # SLURM does not create the --output folder
     script = resolve_file(args.sbatch_script)
-    cmd = sbatch_command(list_file, len(todo), script, args.max_parallel, args.sbatch_arg)
-    say(f"wrote {list_file} ({len(todo)} runs)")
+    cmds: list[tuple[list[str], str | None]] = []  # (sbatch argv, the source task it waits for)
+    for name, part in ((LIST_FILE, first), (WARM_LIST_FILE, warm)):
+        if part:
+            listed = write_list(out, name, part)
+            cmd = sbatch_command(listed, len(part), script, args.max_parallel, args.sbatch_arg)
+            cmds.append((cmd, part[0].after))
     if args.dry_run:
-        print(shlex.join(cmd), flush=True)
+        print("\n".join(dry_run_lines(cmds, first)), flush=True)
         return 0
     if shutil.which("sbatch") is None:
         raise SweepError("sbatch not found: run on a SLURM login node, or use --dry-run to print the command")
     if not script.is_file():
         raise SweepError(f"{script} not found (pass --sbatch-script)")
-    env = {**os.environ, "GLUE_ROOT": os.environ.get("GLUE_ROOT", str(REPO))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    print(proc.stdout + proc.stderr, end="", flush=True)
-    say(
-        f"submitted: {shlex.join(cmd)}" if proc.returncode == 0 else f"sbatch failed (exit {proc.returncode})"
-    )
-    return proc.returncode
+    job = None
+    for cmd, source in cmds:
+        dep = dependency(first, source, job or "")
+        if dep is not None and job is None:
+            say("not submitting the warm-started array: the first array's job id is unknown")
+            return 1
+        rc, job = _sbatch(with_dependency(cmd, dep))
+        if rc:
+            return rc
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -569,6 +666,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=V1,V2",
         help="an override axis (repeatable); runs cover the cross product, each set gets a folder tag",
     )
+    p.add_argument(
+        "--search",
+        metavar="FILE",
+        help="a search space (sweeps/search/<name>.yaml): its grid axes and fixed overrides, as --grid options",
+    )
+    p.add_argument(
+        "--warm-start",
+        choices=["mnli"],
+        help="start RTE, MRPC and STS-B from the best seed of the selected MNLI override set "
+        "(model.init_from=DIR@mnli); the MNLI runs go first (with --slurm: a second array after them)",
+    )
     p.add_argument("--slurm", action="store_true", help="write the run list and submit a SLURM job array")
     p.add_argument(
         "--dry-run", action="store_true", help="with --slurm: print the sbatch command, do not submit"
@@ -588,16 +696,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def search_options(path: str | None, grid: list[str]) -> tuple[list[str], list[str]]:
+    """(grid axes, fixed overrides) of ``--search FILE`` (none without one), with ``--grid`` axes after them."""
+    if not path:
+        return list(grid), []
+    try:
+        space = load_search(resolve_file(path))
+    except SearchError as e:
+        raise SweepError(str(e)) from None
+    keys = [a.split("=", 1)[0].strip() for a in (*space.grid, *grid)]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SweepError(f"--grid {twice} is already an axis of the search space {space.path}")
+    say(f"search space {space.name} ({space.path}): {len(space.grid)} axes; source: {space.source}")
+    return [*space.grid, *grid], list(space.overrides)
+
+
+def check_warm_source(runs: list[SweepRun], out: Path, source: str | None) -> None:
+    """--warm-start without the source task in --tasks: its runs must already be finished in ``out``."""
+    if not source or any(r.task == source for r in runs):
+        return
+    if not any(r.after for r in runs):
+        say(f"warning: --warm-start {source}: none of {', '.join(WARM_TASKS)} is in --tasks")
+        return
+    from train.config import ConfigError
+    from train.warm_start import selected_run
+
+    try:
+        run = selected_run(out, source)
+    except ConfigError as e:
+        raise SweepError(f"--warm-start {source}: {e}; add {source} to --tasks") from None
+    say(
+        f"--warm-start {source}: the runs start from {run.folder} (selected now; resolved again at their start)"
+    )
+
+
 def run_sweep(args: argparse.Namespace) -> int:
+    grid, fixed = search_options(args.search, args.grid)
     runs = plan(
         parse_tasks(args.tasks),
         parse_seeds(args.seeds),
         args.out,
         args.config_dir,
-        args.overrides,
-        args.grid,
+        [*fixed, *args.overrides],
+        grid,
         args.model_config,
+        args.warm_start,
     )
+    check_warm_source(runs, Path(args.out).resolve(), args.warm_start)
     for warning in check_plan(runs):
         say("warning: " + warning)
     out = Path(args.out).resolve()
