@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import report, submission
+from train import report, runs, submission
 from train.reference import BERT_BASE_DEV
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -215,8 +215,8 @@ def test_missing_unfinished_and_failed_runs_are_listed(sweep_dir: Path):
             for n, t, s in [("rte-s4", "rte", 4), ("rte-s5", "rte", 5), ("cola-s9", "cola", 9)]
         ]
     }
-    (sweep_dir / report.MANIFEST).write_text(json.dumps(manifest))
-    (sweep_dir / report.STATUS).write_text(json.dumps({"rte-s5": {"rc": 1, "log": "logs/rte-s5.log"}}))
+    (sweep_dir / runs.MANIFEST).write_text(json.dumps(manifest))
+    (sweep_dir / runs.STATUS).write_text(json.dumps({"rte-s5": {"rc": 1, "log": "logs/rte-s5.log"}}))
     records = {r.name: r for r in report.scan(sweep_dir)}
     assert records["rte-s4"].status == "unfinished"
     assert records["rte-s5"].status == "failed" and "logs/rte-s5.log" in records["rte-s5"].note
@@ -384,7 +384,7 @@ def grid_dir(tmp_path: Path) -> Path:
                 picked = (lr, seed) == SELECTED[task]
                 # only the selected set's best seed has valid files, so a wrong choice fails validation
                 write_predictions(folder, name, rows=None if picked else 5)
-    (root / report.MANIFEST).write_text(json.dumps({"runs": runs}))
+    (root / "sweep.json").write_text(json.dumps({"runs": runs}))
     return root
 
 
@@ -437,7 +437,7 @@ def test_results_md_lists_the_whole_grid_and_the_selected_glue(grid_dir: Path):
 
 
 def test_set_keys_without_a_sweep_manifest(grid_dir: Path):
-    (grid_dir / report.MANIFEST).unlink()  # folders not made by train.sweep: the differing config keys
+    (grid_dir / runs.MANIFEST).unlink()  # folders not made by train.sweep: the differing config keys
     picked = report.build_report(grid_dir, with_submission=False).selection
     assert picked["rte"]["overrides"] == {"train.lr": 2e-5} and picked["rte"]["tag"] == "lr2e-5"
 

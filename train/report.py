@@ -23,12 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from train import reference, selection, submission
-from train.config import model_short_name
 from train.files import write_atomic
-from train.sweep import MANIFEST, STATUS
+from train.runs import RunRecord, scan
 from train.tasks import TASKS, Task
 
 METRIC_NAMES = {
@@ -72,150 +69,6 @@ def glue_entries(include_wnli: bool = True) -> list[Entry]:
 def primary_split(task: Task) -> str:
     """The dev split whose score picks the best model (the first one, as in the training loop)."""
     return task.split("dev")[0].name
-
-
-# ----------------------------------------------------------------------------------------------------------
-# finding runs
-
-
-@dataclass
-class RunRecord:
-    """One run folder (or a planned run without one)."""
-
-    folder: Path
-    name: str
-    task: str | None = None
-    seed: int | None = None
-    model: str = ""
-    tag: str = ""
-    results: dict | None = None  # eval_results.json
-    status: str = "finished"  # finished | unfinished | failed | not started
-    note: str = ""
-    set_overrides: tuple[str, ...] = ()  # the override set (grid point) of the sweep that made it, if any
-
-    @property
-    def group(self) -> str:
-        return " · ".join(p for p in (self.model, self.tag) if p) or "runs"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _manifest_runs(root: Path) -> dict[Path, dict]:
-    data = _read_json(root / MANIFEST) or {}
-    return {(root / r["folder"]).resolve(): r for r in data.get("runs", [])}
-
-
-def _tag_from_name(name: str, task: str | None, seed: int | None) -> str:
-    prefix = f"{task}-s{seed}-"
-    return name[len(prefix) :] if task and seed is not None and name.startswith(prefix) else ""
-
-
-def _finished(folder: Path, root: Path, results: dict) -> RunRecord:
-    task, seed = results.get("task"), results.get("seed")
-    return RunRecord(
-        folder,
-        str(folder.relative_to(root)),
-        task,
-        seed,
-        _model_name(results.get("model", "")),
-        _tag_from_name(folder.name, task, seed),
-        results,
-    )
-
-
-def _model_name(name_or_path: str) -> str:
-    return model_short_name(name_or_path)
-
-
-def _unfinished(folder: Path, root: Path) -> RunRecord:
-    try:
-        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
-    task, seed = cfg.get("data", {}).get("task"), cfg.get("seed")
-    model = _model_name(cfg.get("model", {}).get("name_or_path", ""))
-    return RunRecord(
-        folder,
-        str(folder.relative_to(root)),
-        task,
-        seed,
-        model,
-        _tag_from_name(folder.name, task, seed),
-        None,
-        "unfinished",
-        "config.yaml but no eval_results.json (still running, killed or failed)",
-    )
-
-
-def _apply_sweep_info(rec: RunRecord, planned: dict | None, status: dict) -> None:
-    if planned:
-        rec.tag = planned.get("tag", rec.tag)
-        rec.name = planned.get("name", rec.name)
-        rec.set_overrides = tuple(planned.get("set", ()))
-    st = status.get(rec.name)
-    if rec.results is None and st and st.get("rc", 0) != 0:
-        rec.status = "failed"
-        rec.note = f"exit code {st['rc']} in the sweep; see {st.get('log', 'its log')}"
-
-
-def _set_aside(path: Path, root: Path) -> bool:
-    """Inside a run moved aside by overwrite=true (``previous-<time>/``): history, not a run of the sweep."""
-    return any(part.startswith("previous-") for part in path.relative_to(root).parts[:-1])
-
-
-def scan(root: str | Path) -> list[RunRecord]:
-    """Every run under ``root``: finished, unfinished (config.yaml only) and planned-but-not-started."""
-    root = Path(root).resolve()
-    planned = _manifest_runs(root)
-    status = _read_json(root / STATUS) or {}
-    records: dict[Path, RunRecord] = {}
-    for path in sorted(root.rglob("eval_results.json")):
-        if _set_aside(path, root):
-            continue
-        results = _read_json(path)
-        if results is not None and "task" in results:
-            records[path.parent.resolve()] = _finished(path.parent, root, results)
-    for path in sorted(root.rglob("config.yaml")):
-        folder = path.parent.resolve()
-        if (
-            folder not in records
-            and "checkpoints" not in folder.relative_to(root).parts
-            and not _set_aside(path, root)
-        ):
-            records[folder] = _unfinished(path.parent, root)
-    for folder, run in planned.items():
-        if folder not in records:
-            records[folder] = RunRecord(
-                folder,
-                run["name"],
-                run["task"],
-                run["seed"],
-                "",
-                run.get("tag", ""),
-                None,
-                "not started",
-                "planned by the sweep, no run folder yet",
-            )
-    for folder, rec in records.items():
-        _apply_sweep_info(rec, planned.get(folder), status)
-    _fill_models(list(records.values()))
-    return sorted(records.values(), key=lambda r: (r.group, r.task or "", r.seed or 0, r.name))
-
-
-def _fill_models(records: list[RunRecord]) -> None:
-    """Planned runs have no model yet: give them the model of finished runs with the same tag (if one)."""
-    by_tag: dict[str, set[str]] = {}
-    for r in records:
-        if r.model:
-            by_tag.setdefault(r.tag, set()).add(r.model)
-    for r in records:
-        if not r.model and len(by_tag.get(r.tag, ())) == 1:
-            r.model = next(iter(by_tag[r.tag]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,7 +383,7 @@ def write_markdown(
     if selected:
         lines += ["", "## Selected override sets", "", *selected]
     lines += ["", "## Runs not finished", "", *not_finished_lines(records), "", "## Submission", "", *sub, ""]
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
 
 
 CSV_FIELDS = [
@@ -554,48 +407,51 @@ def _csv_number(x: float | None) -> str:
 
 
 def write_csv(path: Path, groups: list[GroupSummary]) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_FIELDS)
-        for gs in groups:
-            for es in gs.entries:
-                rows = [(m, es.stats[m], es.reference.get(m)) for m in es.entry.metrics]
-                rows.append(("score", es.stats["score"], reference.reference_score(es.entry.label)))
-                for metric, st, ref in rows:
-                    lo, hi = (min(st.values), max(st.values)) if st.n else (None, None)
-                    vals = ";".join(f"s{s}={v:.4f}" for s, v in zip(st.seeds, st.values, strict=True))
-                    w.writerow(
-                        [
-                            gs.group,
-                            es.entry.label,
-                            es.entry.task,
-                            metric,
-                            st.n,
-                            _csv_number(st.mean),
-                            _csv_number(st.std),
-                            _csv_number(st.median),
-                            _csv_number(lo),
-                            _csv_number(hi),
-                            _csv_number(ref),
-                            vals,
-                        ]
-                    )
-            w.writerow(
-                [
-                    gs.group,
-                    "GLUE",
-                    "",
-                    "score",
-                    len(gs.entries) - len(gs.missing),
-                    _csv_number(gs.glue),
-                    "",
-                    _csv_number(gs.glue_of_medians),
-                    "",
-                    "",
-                    _csv_number(reference_glue([e.entry for e in gs.entries])),
-                    "",
-                ]
-            )
+    import io
+
+    fh = io.StringIO(newline="")  # the whole table, then one atomic write
+    w = csv.writer(fh)
+    w.writerow(CSV_FIELDS)
+    for gs in groups:
+        for es in gs.entries:
+            rows = [(m, es.stats[m], es.reference.get(m)) for m in es.entry.metrics]
+            rows.append(("score", es.stats["score"], reference.reference_score(es.entry.label)))
+            for metric, st, ref in rows:
+                lo, hi = (min(st.values), max(st.values)) if st.n else (None, None)
+                vals = ";".join(f"s{s}={v:.4f}" for s, v in zip(st.seeds, st.values, strict=True))
+                w.writerow(
+                    [
+                        gs.group,
+                        es.entry.label,
+                        es.entry.task,
+                        metric,
+                        st.n,
+                        _csv_number(st.mean),
+                        _csv_number(st.std),
+                        _csv_number(st.median),
+                        _csv_number(lo),
+                        _csv_number(hi),
+                        _csv_number(ref),
+                        vals,
+                    ]
+                )
+        w.writerow(
+            [
+                gs.group,
+                "GLUE",
+                "",
+                "score",
+                len(gs.entries) - len(gs.missing),
+                _csv_number(gs.glue),
+                "",
+                _csv_number(gs.glue_of_medians),
+                "",
+                "",
+                _csv_number(reference_glue([e.entry for e in gs.entries])),
+                "",
+            ]
+        )
+    write_atomic(path, fh.getvalue())
 
 
 def write_plot(path: Path, groups: list[GroupSummary], which: str, include_wnli: bool = True) -> None:

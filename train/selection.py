@@ -28,7 +28,7 @@ SELECTION_FILE = "selection.json"
 NOT_SET_KEYS = ("seed", "output_dir", "overwrite", "precision", "checkpoint", "tracking")
 
 
-class Record(Protocol):  # train.report.RunRecord
+class Record(Protocol):  # train.runs.RunRecord
     folder: Path
     name: str
     task: str | None

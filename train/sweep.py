@@ -44,14 +44,13 @@ from pathlib import Path
 
 from train.errors import UserError
 from train.files import write_atomic
+from train.runs import MANIFEST, STATUS
 from train.search import SearchError, load_search
 from train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_DIR = Path("configs/tasks")
 SBATCH_SCRIPT = Path("slurm/sweep.sbatch")
-MANIFEST = "sweep.json"  # the planned runs (read by train.report to list runs that never started)
-STATUS = "sweep_status.json"  # exit code of each run this sweep started (read by train.report)
 LIST_FILE = "sweep_runs.txt"
 WARM_LIST_FILE = "sweep_runs_warm.txt"  # --warm-start with --slurm: the second array, after the first
 WARM_TASKS = (
@@ -295,8 +294,10 @@ def is_finished(run: SweepRun) -> bool:
 
 
 def newest_checkpoint(run: SweepRun) -> str | None:
-    done = sorted(p.name for p in (run.folder / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
-    return done[-1] if done else None
+    from train.checkpoint import newest
+
+    path = newest(run.folder)
+    return path.name if path else None
 
 
 def describe_start(run: SweepRun) -> str:
@@ -555,7 +556,7 @@ def resolve_file(script: str | Path) -> Path:
 
 def write_list(out: Path, name: str, runs: list[SweepRun]) -> Path:
     list_file = out / name
-    list_file.write_text("".join(slurm_line(r) + "\n" for r in runs))
+    write_atomic(list_file, "".join(slurm_line(r) + "\n" for r in runs))
     say(f"wrote {list_file} ({len(runs)} runs)")
     return list_file
 

@@ -70,7 +70,7 @@ class InitSource:
 def selected_run(sweep_dir: str | Path, task: str):
     """(the selected override set, its best seed's run record) of ``task`` in a sweep folder."""
     from train import selection
-    from train.report import scan
+    from train.runs import scan
 
     if task not in TASKS:
         raise ConfigError(f"model.init_from=...@{task}: unknown task; choose one of {', '.join(TASKS)}")
