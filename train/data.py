@@ -526,9 +526,21 @@ def make_collator(
     return collate
 
 
+def _own_generator() -> torch.Generator:
+    """Each loader draws its workers' base seed from its own generator, not torch's global one: a resumed run
+    creates its iterator at another point than the uninterrupted run did, and the global draws would shift
+    every dropout mask after the resume (the order itself comes from the PlanSampler, never from torch)."""
+    return torch.Generator().manual_seed(0)
+
+
 def train_loader(ds, sampler: PlanSampler, collate: Callable, num_workers: int, pin: bool):
     return torch.utils.data.DataLoader(
-        Weighted(ds), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=pin
+        Weighted(ds),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin,
+        generator=_own_generator(),
     )
 
 
@@ -540,4 +552,5 @@ def eval_loader(ds, batch_size: int, collate: Callable, num_workers: int, pin: b
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin,
+        generator=_own_generator(),
     )
