@@ -515,37 +515,37 @@ def build(
 
 
 def attach(
-    run: Any,
     decision: Decision,
-    forward: Callable[[Any, dict], torch.Tensor],
-    per_sample_loss: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
+    *,
+    cfg: Config,
+    acc: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    forward: Callable[[dict], torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Inputs,
+    layout: Layout,
+    regression: bool,
+    vocab: int,
 ) -> FastPath:
-    """The loop's step functions for ``run`` (a ``loop.Run``), compiled and warmed up on the fast path."""
-    regression = run.task.is_regression
-    fast = build(
-        run.cfg,
-        decision,
-        lambda batch: forward(run, batch),
-        lambda logits, labels: per_sample_loss(logits, labels, regression),
-        run.layout.accum,
-        run.inputs,
-    )
+    """The loop's step functions (``forward``: batch -> logits, ``loss``: per-sample losses), compiled and warmed
+    up on the fast path; plain wrappers of the same functions otherwise."""
+    fast = build(cfg, decision, forward, loss, layout.accum, inputs)
     if not fast.set_to_none:
-        preallocate_grads(run.model)
-    if fast.compiled and run.cfg.fast.precompile:
+        preallocate_grads(model)
+    if fast.compiled and cfg.fast.precompile:
         before = cache_counters()
-        vocab = len(run.tokenizer)  # the ids the tokenizer can produce
         fast.compile_s = fast.precompile(
-            run.model,
-            run.acc.device,
+            model,
+            acc.device,
             vocab,
             regression,
-            run.layout.per_device,
-            run.acc.backward,
-            lambda: run.optimizer.zero_grad(set_to_none=fast.set_to_none),
+            layout.per_device,
+            acc.backward,
+            lambda: optimizer.zero_grad(set_to_none=fast.set_to_none),
         )
         fast.cache_lookups = lookups_since(before)
-        if decision.cache and run.acc.is_main_process:
+        if decision.cache and acc.is_main_process:
             decision.cache.save(fast.compile_s, fast.cache_lookups, 2 * len(decision.buckets or ()))
         _log_compile(fast)
     return fast

@@ -59,8 +59,10 @@ class TrainState:
         return self.last_eval.get("step", -1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
+    """Everything a started run holds, built once by :func:`setup` (the config itself is never changed)."""
+
     cfg: Config
     task: Task
     out: Path
@@ -77,21 +79,14 @@ class Run:
     test_loaders: dict[Split, object]
     total_steps: int
     metrics: Tracker  # metrics.jsonl + W&B (train/tracking.py)
-    stop: StopFlag
-    state: TrainState = field(default_factory=TrainState)
-    fast: FastPath | None = (
-        None  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
-    )
-    guard: Guard | None = None  # non-finite loss/grad policy (train/nonfinite.py)
-    bar: Progress | None = None  # progress over optimizer steps (train/progress.py), main process only
-    stopping: bool = False  # every rank agreed to stop (a signal reached at least one of them)
-    precision: str = "no"  # what the run computes in (cfg.precision may say auto)
-    backend: backends.Backend = field(
-        default_factory=backends.Backend
-    )  # DDP, DeepSpeed or FSDP (train/backends/)
-    info: dict = field(
-        default_factory=dict
-    )  # run_info.json's content (derived values; the config is not touched)
+    stop: StopFlag  # signals, and whether every rank agreed to stop (train/preempt.py)
+    state: TrainState  # what a resume restores (checkpointed)
+    fast: FastPath  # the step functions: compiled on the fast path, else eager (train/fastpath.py)
+    guard: Guard  # non-finite loss/grad policy (train/nonfinite.py)
+    bar: Progress  # progress over optimizer steps (train/progress.py), main process only
+    precision: str  # what the run computes in (cfg.precision may say auto)
+    backend: backends.Backend  # DDP, DeepSpeed or FSDP (train/backends/)
+    info: dict = field(default_factory=dict)  # run_info.json's content (derived values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,13 +219,70 @@ def setup(cfg: Config) -> Run | None:
     )
     backend = backends.current()  # chosen by the launch (configs/accelerate/*.yaml), never by the run config
     acc = dist.make_accelerator(cfg.precision, layout.accum, backend)
-    precision = (
-        acc.mixed_precision
-    )  # what this run computes in: no, bf16 or fp16 (cfg.precision may say auto)
-    tracker = Tracker(
-        cfg, start.out, acc.is_main_process, backend
-    )  # W&B settings checked before anything is loaded
+    tracker = Tracker(cfg, start.out, acc.is_main_process, backend)  # W&B settings checked before loading
+    m = build_model(cfg, task, acc, layout, backend)
+    if acc.is_main_process:
+        runfolder.claim(start, cfg)  # only now: the marker, the old run moved aside, config.yaml
+    acc.wait_for_everyone()
+    state, resumed = restore(acc, cfg, start, tracker)  # after compiling: the RNG states are the checkpoint's
+    run = Run(
+        cfg=cfg,
+        task=task,
+        out=start.out,
+        acc=acc,
+        layout=layout,
+        tokenizer=m.tokenizer,
+        inputs=m.inputs,
+        model=m.model,
+        optimizer=m.optimizer,
+        scheduler=m.scheduler,
+        sampler=m.data.sampler,
+        train_loader=m.data.train_loader,
+        eval_loaders=m.data.eval_loaders,
+        test_loaders=m.data.test_loaders,
+        total_steps=m.total,
+        metrics=tracker,
+        stop=StopFlag(),
+        state=state,
+        fast=m.fast,
+        guard=Guard(acc, m.model, acc.mixed_precision, cfg.train.max_nonfinite_skips, m.newest, backend),
+        bar=Progress(m.total, state.global_step, f"train {task.name}", acc.is_main_process),
+        precision=acc.mixed_precision,  # what the run computes in: no, bf16 or fp16 (cfg.precision may say auto)
+        backend=backend,
+    )
+    run.stop.install()
+    write_run_info(run, m.data.train_rows, m.data.sampler.steps_per_epoch())
+    run.state.wandb_run_id = tracker.start(
+        state.wandb_run_id,
+        state.global_step,
+        acc.unwrap_model(m.model),
+        acc.device,
+        dist.device_name(acc),
+        run.precision,
+        layout.world,
+    )
+    if acc.is_main_process:
+        log.info("\n".join(start_block(run, m.data, resumed)))
+    return run
 
+
+@dataclass
+class Built:
+    """The model side of a run, prepared for the backend: what :func:`setup` puts into the Run."""
+
+    tokenizer: object
+    inputs: data.Inputs
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data: Data
+    total: int
+    fast: FastPath
+    newest: object  # () -> the newest complete checkpoint (for error messages)
+
+
+def build_model(cfg: Config, task: Task, acc, layout: data.Layout, backend: backends.Backend) -> Built:
+    """Tokenizer, model, data, optimizer and schedule, prepared by the backend; the fast path compiled."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # same init on every rank
@@ -239,66 +291,38 @@ def setup(cfg: Config) -> Run | None:
     inputs = model_inputs(tokenizer, model)  # before prepare: the signature of the unwrapped model
     splits = load_splits(cfg, task, tokenizer, acc)
     # fast path or eager, and why (logged by attach): device, backend, and whether compiling pays off
-    fast = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train))
-    d = build_data(cfg, task, splits, inputs, layout, acc, fast.buckets)
+    decision = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train))
+    d = build_data(cfg, task, splits, inputs, layout, acc, decision.buckets)
     total = total_steps(cfg, d.sampler.steps_per_epoch())
     optimizer = build_optimizer(cfg, model, backend)
-    if fast.fused_adamw:
+    if decision.fused_adamw:
         optimizer = use_fused_adamw(optimizer)
     scheduler = build_scheduler(cfg, optimizer, total)
     # The scheduler is not prepared: Accelerate would step it once per process per step.
     # backend.prepare = acc.prepare, with the backend's own settings (a DeepSpeed JSON) filled from the run config
     loaders = [*d.eval_loaders.values(), *d.test_loaders.values()]
-    prepared = backend.prepare(acc, cfg, layout, model, optimizer, *loaders, precision=precision)
+    prepared = backend.prepare(acc, cfg, layout, model, optimizer, *loaders, precision=acc.mixed_precision)
     model, optimizer, rest = prepared[0], prepared[1], list(prepared[2:])
     d.eval_loaders = dict(zip(d.eval_loaders, rest[: len(d.eval_loaders)], strict=True))
     d.test_loaders = dict(zip(d.test_loaders, rest[len(d.eval_loaders) :], strict=True))
     acc.register_for_checkpointing(scheduler)
-    if acc.is_main_process:
-        runfolder.claim(start, cfg)  # only now: the marker, the old run moved aside, config.yaml
-    acc.wait_for_everyone()
-
-    out = start.out
-    run = Run(
-        cfg,
-        task,
-        out,
-        acc,
-        layout,
-        tokenizer,
-        inputs,
-        model,
-        optimizer,
-        scheduler,
-        d.sampler,
-        d.train_loader,
-        d.eval_loaders,
-        d.test_loaders,
-        total,
-        tracker,
-        StopFlag(),
-        precision=precision,
-        backend=backend,
+    fast = attach(  # compiles every bucket shape up front
+        decision,
+        cfg=cfg,
+        acc=acc,
+        model=model,
+        optimizer=optimizer,
+        forward=model_forward(model, inputs),
+        loss=lambda logits, labels: per_sample_loss(logits, labels, task.is_regression),
+        inputs=inputs,
+        layout=layout,
+        regression=task.is_regression,
+        vocab=len(tokenizer),  # the ids the tokenizer can produce
     )
-    run.stop.install()
-    newest = lambda: checkpoint.newest(out)  # noqa: E731
-    run.guard = Guard(acc, model, precision, cfg.train.max_nonfinite_skips, newest, backend)
-    resumed = resume(run, start)
-    run.bar = Progress(total, run.state.global_step, f"train {task.name}", acc.is_main_process)
-    run.fast = attach(run, fast, forward, per_sample_loss)  # compiles every bucket shape up front
-    write_run_info(run, d.train_rows, d.sampler.steps_per_epoch())
-    run.state.wandb_run_id = run.metrics.start(
-        run.state.wandb_run_id,
-        run.state.global_step,
-        acc.unwrap_model(model),
-        acc.device,
-        dist.device_name(acc),
-        precision,
-        layout.world,
+    out = run_folder(cfg)
+    return Built(
+        tokenizer, inputs, model, optimizer, scheduler, d, total, fast, lambda: checkpoint.newest(out)
     )
-    if acc.is_main_process:
-        log.info("\n".join(start_block(run, d, resumed)))
-    return run
 
 
 def start_block(run: Run, d: Data, resumed: str) -> list[str]:
@@ -336,20 +360,20 @@ def fast_line(info: dict) -> str:
     return f"{info['fast_path']}; compiled in {info['compile_s']} s (cache {cache['dir']}: {state}, {seen})"
 
 
-def resume(run: Run, start: runfolder.Start) -> str:
-    """Restore the newest usable checkpoint (or the one asked for); says in words where the run starts."""
-    want = run.cfg.checkpoint.resume
+def restore(acc, cfg: Config, start: runfolder.Start, tracker: Tracker) -> tuple[TrainState, str]:
+    """The training state to start from: the newest usable checkpoint (or the one asked for) restored into the
+    prepared objects, or a fresh one; and where the run starts, in words."""
+    want = cfg.checkpoint.resume
     path = None
     if want not in ("auto", "never") or start.action == "resume":
-        path = checkpoint.choose(run.acc, want, run.out, to_dict(run.cfg))
+        path = checkpoint.choose(acc, want, start.out, to_dict(cfg))
     if path is None:
-        run.metrics.rewind(0)
-        return f"fresh ({start.reason})"
-    run.state = TrainState(**checkpoint.load(run.acc, path)["train_state"])
-    run.metrics.rewind(run.state.global_step)
-    return (
-        f"resumed from {path} at step {run.state.global_step} (epoch {run.state.epoch}, step "
-        f"{run.state.step_in_epoch} of it)"
+        tracker.rewind(0)
+        return TrainState(), f"fresh ({start.reason})"
+    state = TrainState(**checkpoint.load(acc, path)["train_state"])
+    tracker.rewind(state.global_step)
+    return state, (
+        f"resumed from {path} at step {state.global_step} (epoch {state.epoch}, step {state.step_in_epoch} of it)"
     )
 
 
@@ -415,9 +439,13 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def forward(run: Run, batch: dict) -> torch.Tensor:
-    """The model on exactly the fields its tokenizer and ``forward`` agree on (``run.inputs``)."""
-    return run.model(**{k: batch[k] for k in run.inputs.model_keys}).logits
+def model_forward(model: torch.nn.Module, inputs: data.Inputs):
+    """batch -> logits: the model on exactly the fields its tokenizer and ``forward`` agree on."""
+
+    def forward(batch: dict) -> torch.Tensor:
+        return model(**{k: batch[k] for k in inputs.model_keys}).logits
+
+    return forward
 
 
 def train(run: Run) -> dict | None:
@@ -433,7 +461,7 @@ def _train(run: Run) -> dict | None:
             break
         st.epoch = epoch
         train_one_epoch(run)
-        if run.stopping:
+        if run.stop.agreed:
             preempt(run)
             return None
         if st.step_in_epoch == run.sampler.steps_per_epoch():
@@ -489,8 +517,8 @@ def train_one_epoch(run: Run) -> None:
             run.model.train()
         if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
             save_checkpoint(run)
-        run.stopping = should_stop(run)  # voted every step, so all ranks stop after the same one
-        if st.global_step >= run.total_steps or run.stopping or st.early_stopped:
+        run.stop.agreed = should_stop(run)  # voted every step, so all ranks stop after the same one
+        if st.global_step >= run.total_steps or run.stop.agreed or st.early_stopped:
             break
 
 

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 class StopFlag:
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this process got (-1: a peer's)
+        self.agreed = False  # every rank agreed to stop after the current step (train.loop.should_stop)
 
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
