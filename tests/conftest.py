@@ -91,10 +91,15 @@ class Zygote:
                 event.set()
 
     def usable(self, env: dict) -> bool:
-        from zygote import IMPORT_TIME_PREFIXES
+        from zygote import IMPORT_TIME_PREFIXES, SET_AT_RUN_TIME
 
-        keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME_PREFIXES)}
-        return self.proc.poll() is None and all(env.get(k) == self.env.get(k) for k in keys)
+        keys = {
+            k for k in (*env, *self.env) if k.startswith(IMPORT_TIME_PREFIXES) and k not in SET_AT_RUN_TIME
+        }
+        differ = sorted(k for k in keys if env.get(k) != self.env.get(k))
+        if differ and os.environ.get("GLUE_TEST_ZYGOTE_DEBUG"):
+            print(f"zygote: a fresh interpreter for this run ({', '.join(differ)} differ)", file=sys.stderr)
+        return self.proc.poll() is None and not differ
 
     def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
         import json

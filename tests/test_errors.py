@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMOKE
+from conftest import REPO, SMOKE, run_train
 
 SAMPLE = REPO / "train" / "assets" / "glue_sample"
 TINY = REPO / "train" / "assets" / "tiny-bert"
@@ -156,9 +155,7 @@ def _run(case: Case) -> subprocess.CompletedProcess:
         with contextlib.redirect_stderr(err):
             code = main(argv)
         return subprocess.CompletedProcess(argv, code, "", err.getvalue())
-    cmd = [sys.executable, "-m", "train", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **case.env}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_train(argv, env=case.env, check=False, timeout=300)  # its own process (conftest.run_train)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,9 @@ IMPORT_TIME_PREFIXES = (
     "MKL_",
     "CUDA",
 )
+# Set in the test process by the program itself or its libraries when a test calls them in-process (the program
+# sets the first in every run anyway; the second is accelerate's, for CUDA machines): not a reason to re-import.
+SET_AT_RUN_TIME = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "PYTORCH_NVML_BASED_CUDA_CHECK")
 
 
 def _child(req: dict) -> None:
