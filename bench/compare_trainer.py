@@ -58,7 +58,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from train.tracking import peak_flops  # noqa: E402
+from train.throughput import peak_flops  # noqa: E402
 
 log = logging.getLogger("bench")
 TINY = REPO / "train" / "assets" / "tiny-bert"
@@ -232,7 +232,7 @@ def device_name(device: torch.device) -> str:
 
 def flops_per_sample(model: torch.nn.Module, lengths: np.ndarray) -> float:
     """The same model-FLOPs formula as the training metrics (train/tracking.py): 6 x matmul params x tokens."""
-    from train.tracking import count_matmul_params
+    from train.throughput import count_matmul_params
 
     return 6.0 * count_matmul_params(model) * float(lengths.mean())
 

@@ -28,7 +28,8 @@ from train import curves, panels, report, sweep
 from train.config import load_config
 from train.data import read_split
 from train.tasks import get_task
-from train.tracking import read_metrics, resolve_wandb
+from train.tracking import read_metrics
+from train.wandb_sink import resolve_wandb
 
 FIXTURES = REPO / "tests" / "fixtures"
 SWEEP = "outputs-sweep"

@@ -24,7 +24,9 @@ import pytest
 from conftest import REPO, SMOKE, run_train
 
 from train.config import ConfigError, load_config
-from train.tracking import PEAK_TFLOPS, Tracker, peak_flops, read_metrics, resolve_wandb
+from train.throughput import PEAK_TFLOPS, peak_flops
+from train.tracking import Tracker, read_metrics
+from train.wandb_sink import resolve_wandb
 
 # ----------------------------------------------------------------------------------------------------------
 # reading run-<id>.wandb
@@ -440,10 +442,10 @@ def test_peak_table_and_throughput():
     t = Tracker(load_config(SMOKE), Path("/nonexistent"), main=False)
     model = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 4))
     assert t.start(None, 0, model, torch.device("cpu"), "cpu", "no", 2) is None  # not main: no W&B, no files
-    assert t.flops_per_token == 6 * (8 * 4 + 4)  # the embedding table costs no FLOPs
+    assert t.speed.flops_per_token == 6 * (8 * 4 + 4)  # the embedding table costs no FLOPs
     row = t.throughput(tokens=800.0, padded=1000.0, elapsed=2.0)
     assert row == {"perf/tokens_per_s": 400.0, "perf/padding_efficiency": 0.8}  # CPU: no mfu, no memory
-    t.peak = 1e9  # as if on a GPU with a known peak
+    t.speed.peak = 1e9  # as if on a GPU with a known peak
     assert t.throughput(800.0, 1000.0, 2.0)["perf/mfu"] == pytest.approx(6 * 36 * 400.0 / (2 * 1e9))
 
 

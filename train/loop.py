@@ -260,6 +260,7 @@ def setup(cfg: Config) -> Run | None:
         dist.device_name(acc),
         run.precision,
         layout.world,
+        run_info=run.info,  # in memory: what W&B shows beside the config
     )
     if acc.is_main_process:
         log.info("\n".join(start_block(run, m.data, resumed)))
@@ -758,11 +759,7 @@ def end_info(run: Run) -> dict:
     st = run.state
     seconds = max(st.train_seconds, 1e-9)
     perf = {"samples_per_s": st.samples / seconds, "tokens_per_s": st.tokens / seconds}
-    perf.update(
-        {
-            k.removeprefix("perf/"): v
-            for k, v in run.metrics.throughput(st.tokens, st.tokens, seconds).items()
-            if k == "perf/mfu"
-        }
-    )
+    mfu = run.metrics.speed.mfu(st.tokens, seconds)
+    if mfu is not None:
+        perf["mfu"] = mfu
     return {"train_time_s": round(st.train_seconds, 3), "throughput": perf, "wandb": run.metrics.info or None}

@@ -11,11 +11,11 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from train.config import ConfigError, load_config, run_folder
+from train.provenance import git_info
 
 SLURM_KEYS = (
     "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
@@ -25,14 +25,10 @@ SLURM_KEYS = (
 )  # fmt: skip
 
 
-def _git(root: str, *cmd: str) -> str | None:
-    r = subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
 def start_record(args: list[str], root: str) -> dict:
     """What this start of the job was: time, SLURM ids (never other environment variables), command, git SHA."""
     env = {k: os.environ[k] for k in SLURM_KEYS if k in os.environ}
+    git = git_info(Path(root))
     return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
@@ -40,8 +36,8 @@ def start_record(args: list[str], root: str) -> dict:
         "procs_per_node": int(os.environ.get("GLUE_PROCS_PER_NODE", "0")) or None,
         "script": os.environ.get("GLUE_SBATCH"),
         "args": args,
-        "git_sha": _git(root, "rev-parse", "HEAD"),
-        "git_dirty": bool(_git(root, "status", "--porcelain", "--untracked-files=no")),
+        "git_sha": git.get("sha"),
+        "git_dirty": bool(git.get("dirty")),
         "slurm": env,
     }
 

@@ -1,33 +1,17 @@
-"""Where metrics go: ``metrics.jsonl`` always (main process), and Weights & Biases when configured.
+"""Where metrics go: sinks behind one interface (``log(row, step)``, ``close()``), and the Tracker the loop calls.
 
-W&B is imported lazily, on the main process only, and only when a project is configured
-(``tracking.wandb.project`` or ``$WANDB_PROJECT``): with tracking off, or wandb not installed, nothing imports it.
-
-Run identity: the W&B run id lives in ``output_dir/wandb_run_id.txt`` and in every checkpoint
-(``TrainState.wandb_run_id``). A run resumed from a checkpoint re-initialises W&B with that id and
-``resume="allow"``; rows at or before the last step already sent before the restart are not sent again, so the
-run's history never goes backwards (``metrics.jsonl`` is rewound and rewritten as before).
-
-Throughput (``perf/*``) follows one formula, documented in ``docs/wandb.md``:
-``perf/mfu = 6 * N * tokens / elapsed / (world_size * peak)`` where ``N`` counts the parameters outside
-embedding tables (6 = 2 FLOPs per multiply-add x (forward + 2 x backward)), ``tokens`` the real (non-pad)
-tokens of real samples, and ``peak`` the device's dense peak for the run's precision (``PEAK_TFLOPS``).
+``metrics.jsonl`` (:class:`JsonlSink`) always, on the main process; Weights & Biases (train/wandb_sink.py) there too
+when configured. The loop calls the Tracker only; adding a sink touches no call site. Throughput and MFU come from
+train/throughput.py, and the run info W&B shows is passed in memory.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
-import os
-import re
-import secrets
-import string
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,176 +22,16 @@ if TYPE_CHECKING:
 
 from train import panels
 from train.files import write_atomic
+from train.throughput import Throughput
+from train.wandb_sink import WandbSink, resolve_wandb
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "wandb_run_id.txt"
-STEP_AXIS = "train/global_step"
 
-# Dense (no sparsity) peak TFLOPS per GPU: (name pattern, bf16/fp16 tensor core, fp32). First match wins, so
-# the more specific names come first. Sources: NVIDIA data sheets (SXM parts unless named).
-PEAK_TFLOPS: list[tuple[str, float, float]] = [
-    (r"H100.*(PCIe|PCIE)", 756.0, 51.2),
-    (r"H100.*NVL", 835.0, 60.0),
-    (r"H100|GH200", 989.4, 66.9),
-    (r"H200", 989.4, 66.9),
-    (r"A100", 312.0, 19.5),
-    (r"A800", 312.0, 19.5),
-    (r"L40S", 362.1, 91.6),
-    (r"L40\b", 181.0, 90.5),
-    (r"\bL4\b", 121.0, 30.3),
-    (r"\bA10\b", 125.0, 31.2),
-    (r"RTX A6000|A6000", 154.8, 38.7),
-    (r"V100", 125.0, 15.7),  # fp16 (no bf16)
-    (r"\bT4\b", 65.0, 8.1),  # fp16 (no bf16)
-]
+class Sink(Protocol):
+    def log(self, row: dict, step: int) -> None: ...
 
-
-def peak_flops(device_name: str, precision: str) -> float | None:
-    """Dense peak FLOP/s of one device for the run's precision; None when unknown (CPU, unlisted GPUs)."""
-    for pattern, half, single in PEAK_TFLOPS:
-        if re.search(pattern, device_name):
-            return (half if precision in ("bf16", "fp16") else single) * 1e12
-    return None
-
-
-def count_matmul_params(model: torch.nn.Module, backend=None) -> int:
-    """Parameters outside embedding tables (lookups cost no FLOPs); ZeRO-3 shards report their full size."""
-    import torch
-
-    from train.backends import Backend
-
-    numel = (backend or Backend()).param_numel
-    skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(numel(p) for p in model.parameters() if id(p) not in skip)
-
-
-def git_info(path: Path | None = None) -> dict[str, Any]:
-    """Commit and dirtiness of the source tree (empty when it is not a git checkout)."""
-    cwd = str(path or Path(__file__).resolve().parent)
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if sha.returncode:
-            return {}
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
-def new_run_id() -> str:
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# settings
-
-
-_MODE_ALIASES = {
-    "online": "online",
-    "run": "online",
-    "offline": "offline",
-    "dryrun": "offline",
-    "disabled": "disabled",
-}
-
-
-@dataclass
-class WandbSettings:
-    project: str
-    entity: str | None
-    mode: str  # online | offline
-    name: str
-    group: str | None
-    tags: list[str]
-    dir: Path
-    job_type: str = "train"
-    required: bool = False  # online asked for explicitly: no silent fallback to offline
-
-
-def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None) -> WandbSettings | None:
-    """W&B settings from the config, then the environment; None when W&B is off.
-
-    W&B is on when a project is known (``tracking.wandb.project`` or ``$WANDB_PROJECT``) and the mode
-    (``tracking.wandb.mode``, else ``$WANDB_MODE``, else online) is not ``disabled``.
-    """
-    from train.config import ConfigError
-
-    env = os.environ if environ is None else environ
-    wb = cfg.tracking.wandb
-    raw = env.get("WANDB_MODE", "").strip().lower()
-    if wb.mode is not None:
-        mode = wb.mode
-    else:
-        if raw and raw not in _MODE_ALIASES:
-            raise ConfigError(f"WANDB_MODE={raw!r} is not a W&B mode; use online, offline or disabled")
-        mode = _MODE_ALIASES.get(raw, "online")
-    required = mode == "online" and (wb.mode == "online" or _MODE_ALIASES.get(raw) == "online")
-    project = wb.project or env.get("WANDB_PROJECT") or None
-    if mode == "disabled":
-        return None
-    if project is None:
-        if wb.mode is not None:
-            raise ConfigError(
-                f"tracking.wandb.mode={wb.mode} but no W&B project: set tracking.wandb.project=NAME or "
-                "$WANDB_PROJECT (or tracking.wandb.mode=disabled)"
-            )
-        return None
-    if importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            f"W&B tracking is on (project {project!r}) but the wandb package is not installed: "
-            "pip install 'glue-train[wandb]', or turn it off with tracking.wandb.mode=disabled"
-        )
-    from train.config import model_short_name
-
-    name = wb.name or f"{cfg.data.task}-{model_short_name(cfg.model.name_or_path)}-s{cfg.seed}"
-    where = Path(wb.dir or env.get("WANDB_DIR") or out)
-    # a sweep's runs (train.sweep sets sweep_name) are grouped by sweep and typed by task unless set otherwise
-    group = wb.group or wb.sweep_name
-    job_type = wb.job_type or (cfg.data.task if wb.sweep_name else "train")
-    return WandbSettings(
-        project,
-        wb.entity or env.get("WANDB_ENTITY") or None,
-        mode,
-        name,
-        group,
-        list(wb.tags),
-        where,
-        job_type,
-        required,
-    )
-
-
-INIT_TIMEOUT_S = (
-    10  # W&B's own init timeout; with its start and teardown a failed online init ends within ~25 s
-)
-
-
-def has_api_key(base_url: str | None = None) -> bool:
-    """An API key W&B would find: $WANDB_API_KEY, or a netrc entry for its host (what `wandb login` writes)."""
-    import netrc
-    from urllib.parse import urlparse
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(base_url or os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------
-# writers
+    def close(self, preempted: bool = False) -> None: ...
 
 
 def _parse_row(line: str) -> dict | None:
@@ -218,7 +42,7 @@ def _parse_row(line: str) -> dict | None:
     return row if isinstance(row, dict) and "step" in row else None
 
 
-class MetricsLog:
+class JsonlSink:
     """Append-only JSON lines, one object per logged step; rewound on resume so no step appears twice."""
 
     def __init__(self, path: Path, enabled: bool = True):
@@ -239,6 +63,11 @@ class MetricsLog:
                 )
         return out
 
+    def last_step(self) -> int:
+        if not self.enabled or not self.path.exists():
+            return 0
+        return max((row["step"] for _, row in self.rows()), default=0)
+
     def rewind(self, step: int) -> None:
         """Drop rows logged after ``step`` (they belong to work a resumed run will redo)."""
         if not self.enabled or not self.path.exists():
@@ -246,46 +75,43 @@ class MetricsLog:
         keep = [line for line, row in self.rows() if row["step"] <= step]
         write_atomic(self.path, "".join(line + "\n" for line in keep))
 
-    def write(self, row: dict) -> None:
+    def log(self, row: dict, step: int) -> None:  # noqa: ARG002 - the row carries its step
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
 
+    def close(self, preempted: bool = False) -> None:  # noqa: ARG002 - appends are already on disk
+        return None
 
-class Tracker(MetricsLog):
-    """``metrics.jsonl`` on the main process, plus a W&B run there when configured; throughput figures.
 
-    Life cycle (called by the loop): ``rewind`` (resume) -> ``start`` -> ``throughput``/``write``/
-    ``eval_details``/``best`` -> ``summary``/``wrong_predictions`` -> ``close``. Config problems (bad mode, wandb
-    missing) are raised as ``ConfigError`` on every rank at construction, before any collective, so no rank is left
-    waiting.
+class Tracker:
+    """The loop's one handle on its sinks and throughput figures.
+
+    Life cycle: ``rewind`` (resume) -> ``start`` -> ``throughput``/``write``/``eval_details``/``best`` ->
+    ``summary``/``wrong_predictions`` -> ``close``. W&B settings problems (bad mode, wandb missing) are raised as
+    ``ConfigError`` on every rank at construction, before any collective, so no rank is left waiting.
     """
 
     def __init__(self, cfg: Config, out: Path, main: bool, backend=None):
-        super().__init__(Path(out) / "metrics.jsonl", main)
-        self.cfg, self.out, self.backend = cfg, Path(out), backend
-        self.settings = resolve_wandb(cfg, self.out)
-        self.wandb_run: Any = None
+        self.cfg, self.out, self.main, self.backend = cfg, Path(out), main, backend
+        self.jsonl = JsonlSink(self.out / "metrics.jsonl", main)
+        self.settings = resolve_wandb(cfg, self.out)  # on every rank: the same error everywhere
+        self.wandb: WandbSink | None = None
+        self.sinks: list[Sink] = [self.jsonl]
+        self.speed = Throughput()
         self.sent_before = 0  # last step in metrics.jsonl before a resume rewound it
-        self.floor = 0  # W&B rows at or before this step were already sent by an earlier attempt
-        self.flops_per_token: float | None = None
-        self.peak: float | None = None
-        self.world = 1
-        self.device: torch.device | None = None
-        self.info: dict[str, Any] = {}  # the W&B run's id and URL or sync folder (run_info.json, the summary)
-        self.last_step = 0  # the last step sent to W&B
-        self.last_preds: dict[str, dict] = {}  # dev split -> predictions of the latest evaluation (W&B on)
-        self.best_preds: dict[str, dict] = {}  # the same for the best evaluation (best/)
 
-    # -- resume -------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> dict[str, Any]:
+        """The W&B run's id and URL or offline folder (for run_info.json and the summary); {} without W&B."""
+        return self.wandb.info if self.wandb else {}
+
     def rewind(self, step: int) -> None:
-        if self.enabled and self.path.exists():
-            self.sent_before = max((row["step"] for _, row in self.rows()), default=0)
-        super().rewind(step)
+        self.sent_before = self.jsonl.last_step()
+        self.jsonl.rewind(step)
 
-    # -- start --------------------------------------------------------------------------------------------
     def start(
         self,
         run_id: str | None,
@@ -295,226 +121,64 @@ class Tracker(MetricsLog):
         device_name: str,
         precision: str,
         world: int,
+        run_info: dict[str, Any] | None = None,
     ) -> str | None:
         """Set up throughput figures (every rank) and the W&B run (main process). Returns the run id to keep
         in the training state: the checkpoint's one when resuming, a new one on a fresh start."""
         from train import dist
         from train.config import ConfigError
 
-        self.flops_per_token = 6.0 * count_matmul_params(model, self.backend)
-        self.peak = peak_flops(device_name, precision) if device.type == "cuda" else None
-        self.world, self.device = world, device
+        self.speed = Throughput.of(model, device, device_name, precision, world, self.backend)
         error = None
-        if self.enabled and self.settings is not None:
+        if self.main and self.settings is not None:
+            info = {"device": device_name, "precision": precision, **(run_info or {})}
+            info.update(
+                flops_per_token=self.speed.flops_per_token, peak_tflops_per_device=_tflops(self.speed.peak)
+            )
+            sink = WandbSink(self.settings, self.cfg, self.out)
             try:
-                run_id = self._start_wandb(run_id, global_step, device_name, precision)
+                run_id = sink.start(run_id, global_step, self.sent_before, info)
+                self.wandb = sink
+                self.sinks.append(sink)
             except ConfigError as e:
                 error = e
         if dist.any_rank(error is not None):  # every rank stops, not only the one that ran wandb.init
             raise error or ConfigError("W&B could not start on the main process (its error is printed there)")
         return run_id
 
-    def _start_wandb(self, run_id: str | None, global_step: int, device_name: str, precision: str) -> str:
-        id_file = self.out / RUN_ID_FILE
-        if global_step == 0:
-            run_id = None  # a fresh start is a new W&B run
-        elif run_id is None and id_file.is_file():
-            run_id = id_file.read_text().strip() or None  # a checkpoint from before tracking was on
-        if run_id:
-            self.floor = self.sent_before  # W&B holds this run's history up to here
-        run_id = run_id or os.environ.get("WANDB_RUN_ID") or new_run_id()
-        self.wandb_run = self._init_wandb(run_id, device_name, precision)
-        self.info = self._describe_run()
-        write_atomic(id_file, run_id + "\n")
-        return run_id
-
-    def run_config(self, device_name: str, precision: str) -> dict[str, Any]:
-        """The resolved config + derived values from ``run_info.json`` (+ git, wandb, FLOP figures).
-        Never the environment and never a credential."""
-        from train.config import to_dict
-
-        config = to_dict(self.cfg)
-        info_path = self.out / "run_info.json"
-        info: dict[str, Any] = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        info.setdefault("device", device_name)
-        info.setdefault("precision", precision)
-        if "git" not in info and "git_sha" not in info:
-            info["git"] = git_info()
-        import wandb
-
-        info.setdefault("versions", {})["wandb"] = wandb.__version__
-        info["flops_per_token"] = self.flops_per_token
-        info["peak_tflops_per_device"] = self.peak / 1e12 if self.peak else None
-        config["run"] = info
-        return config
-
-    def _init_wandb(self, run_id: str, device_name: str, precision: str) -> Any:
-        """``wandb.init``, never hanging: online needs an API key and an answer within INIT_TIMEOUT_S; without
-        them a run that did not ask for online explicitly goes on offline (with the sync command), one that did
-        stops with an error."""
-        import wandb
-
-        from train.config import ConfigError
-
-        s = self.settings
-        assert s is not None
-        s.dir.mkdir(parents=True, exist_ok=True)
-        how = "tracking.wandb.mode=offline (sync later with `wandb sync`) or tracking.wandb.mode=disabled"
-        if s.mode == "online" and not has_api_key():
-            if s.required:
-                raise ConfigError(
-                    f"W&B online mode was asked for but no API key is set: run `wandb login` or export "
-                    f"WANDB_API_KEY, or use {how}"
-                )
-            log.warning("W&B: no API key (run `wandb login` or set WANDB_API_KEY): logging offline instead")
-            s.mode = "offline"
-        try:
-            return self._wandb_init(run_id, device_name, precision)
-        except (wandb.errors.Error, OSError, TimeoutError) as e:
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            if s.mode != "online" or s.required:
-                raise ConfigError(
-                    f"W&B could not start ({why}); check the network and the key, or use {how}"
-                ) from None
-            log.warning(
-                "W&B could not be reached within %d s (%s): logging offline instead", INIT_TIMEOUT_S, why
-            )
-            s.mode = "offline"
-            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service process
-            return self._wandb_init(run_id, device_name, precision)
-
-    def _describe_run(self) -> dict[str, Any]:
-        """Where this W&B run lives: its URL online, the folder and `wandb sync` command offline."""
-        run = self.wandb_run
-        if run is None or self.settings is None:
-            return {}
-        if self.settings.mode == "online":
-            return {"id": run.id, "mode": "online", "url": run.url}
-        sync_dir = Path(run.dir).parent  # wandb/offline-run-<time>-<id>/files -> its run folder
-        return {"id": run.id, "mode": "offline", "sync_dir": str(sync_dir)}
-
-    def _wandb_init(self, run_id: str, device_name: str, precision: str) -> Any:
-        for key in [k for k, v in os.environ.items() if k.startswith("WANDB_") and not v.strip()]:
-            del os.environ[key]  # an empty WANDB_MODE= means unset to us; wandb would reject it
-        import wandb
-
-        s = self.settings
-        assert s is not None
-        run = wandb.init(
-            project=s.project,
-            entity=s.entity,
-            name=s.name,
-            group=s.group,
-            tags=s.tags or None,
-            id=run_id,
-            resume="allow",
-            dir=str(s.dir),
-            mode=s.mode,
-            job_type=s.job_type,
-            config=self.run_config(device_name, precision),
-            allow_val_change=True,
-            settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
-        )
-        run.define_metric(STEP_AXIS)
-        run.define_metric("*", step_metric=STEP_AXIS)
-        log.info(
-            "W&B run %s (%s, project %s) in %s; resuming above step %d",
-            run_id,
-            s.mode,
-            s.project,
-            s.dir / "wandb",
-            self.floor,
-        )
-        return run
-
-    # -- logging ------------------------------------------------------------------------------------------
     def throughput(self, tokens: float, padded: float, elapsed: float) -> dict[str, float]:
-        """``perf/*`` and ``memory/*`` for a log window: ``tokens`` real tokens and ``padded`` token slots
-        over all ranks in ``elapsed`` seconds. MFU only where the device peak is known, memory only on CUDA."""
-        elapsed = max(elapsed, 1e-9)
-        row = {"perf/tokens_per_s": tokens / elapsed, "perf/padding_efficiency": tokens / max(1.0, padded)}
-        if self.peak and self.flops_per_token:
-            row["perf/mfu"] = self.flops_per_token * tokens / elapsed / (self.world * self.peak)
-        if self.device is not None and self.device.type == "cuda":
-            import torch
-
-            row["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return row
+        return self.speed.window(tokens, padded, elapsed)
 
     def write(self, row: dict) -> None:
-        super().write(row)
-        if self.wandb_run is None:
-            return
-        step = int(row["step"])
-        if step <= self.floor:
-            log.debug("not sending step %d to W&B: it already holds steps up to %d", step, self.floor)
-            return
-        data = {k: v for k, v in row.items() if k not in ("step", "epoch")}
-        data.setdefault("train/epoch", row.get("epoch"))
-        data[STEP_AXIS] = step
-        self.wandb_run.log(data, step=step)
-        self.last_step = max(self.last_step, step)
+        for sink in self.sinks:
+            sink.log(row, int(row["step"]))
 
+    # -- W&B beyond scalars (nothing without W&B) -----------------------------------------------------------
     def best(self, row: dict) -> None:
-        """Put the best evaluation so far (an eval row) into the run summary as ``best/<metric>``."""
-        if self.wandb_run is None:
-            return
-        summary = {f"best/{k.removeprefix('eval/')}": v for k, v in row.items() if k.startswith("eval/")}
-        summary.update({"best/step": row["step"], "best/epoch": row["epoch"]})
-        self.wandb_run.summary.update(summary)
-        self.best_preds = dict(self.last_preds)  # the predictions of this (best) evaluation, for the table
+        if self.wandb:
+            self.wandb.best(row)
 
-    # -- panels beyond the scalars (train/panels.py) ---------------------------------------------------------
     def eval_details(self, step: int, split: Split, task: Task, p: dict[str, np.ndarray]) -> None:
-        """One dev split of one evaluation (``p``: the loop's gathered host arrays ``pred``/``label``/``idx``/
-        ``conf``): its confusion matrix in W&B (classification tasks), and the predictions kept for the table of
-        the best model's mistakes. Costs nothing without W&B and nothing on the device (the arrays are host)."""
-        if self.wandb_run is None or task.is_regression:
-            return
-        self.last_preds[split.name] = {k: p[k] for k in ("pred", "label", "idx", "conf") if k in p}
-        if step <= self.floor:
-            return
-        import wandb
-
-        chart = wandb.plot.confusion_matrix(
-            y_true=[int(x) for x in p["label"]],
-            preds=[int(x) for x in p["pred"]],
-            class_names=list(task.labels),
-            title=f"{task.name} {split.name}: confusion matrix",
-        )
-        self.wandb_run.log({f"eval/confusion_matrix{split.suffix}": chart, STEP_AXIS: step}, step=step)
-        self.last_step = max(self.last_step, step)
+        if self.wandb:
+            self.wandb.eval_details(step, split, task, p)
 
     def wrong_predictions(self, task: Task, data_cfg: DataConfig, limit: int = panels.WRONG_LIMIT) -> None:
-        """``best/wrong_predictions``: a table of up to ``limit`` rows of the first dev split that the best
-        model gets wrong (idx, text, gold, prediction, confidence), most confident first. Classification only."""
-        if self.wandb_run is None or task.is_regression:
-            return
-        split = task.split("dev")[0]
-        p = self.best_preds.get(split.name)
-        if p is None:  # the best evaluation happened before a restart: its predictions died with that process
-            log.info("no wrong-predictions table: the best evaluation was not made by this process")
-            return
-        import wandb
-
-        rows = panels.wrong_rows(task, panels.dev_texts(data_cfg, task, split), p, limit)
-        table = wandb.Table(columns=panels.WRONG_COLUMNS, data=rows)
-        step = max(self.last_step, self.floor + 1)  # never below what W&B already holds
-        self.wandb_run.log({"best/wrong_predictions": table, STEP_AXIS: step}, step=step)
+        if self.wandb:
+            self.wandb.wrong_predictions(task, data_cfg, limit)
 
     def summary(self, numbers: dict[str, Any]) -> None:
-        """Put ``numbers`` (the end-of-run summary: final/best metrics, times, throughput) into the run summary."""
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(numbers)
+        if self.wandb:
+            self.wandb.summary(numbers)
 
     def close(self, preempted: bool = False) -> None:
-        """Finish the W&B run (marked as preempted when the job will be requeued)."""
-        if self.wandb_run is None:
-            return
-        if preempted:
-            self.wandb_run.mark_preempting()
-        self.wandb_run.finish()
-        self.wandb_run = None
+        for sink in self.sinks:
+            sink.close(preempted)
+        self.sinks = [self.jsonl]
+        self.wandb = None
+
+
+def _tflops(peak: float | None) -> float | None:
+    return peak / 1e12 if peak else None
 
 
 def read_metrics(path: Path) -> list[dict]:
