@@ -51,3 +51,16 @@ def test_constant_regression_prediction_scores_zero_not_nan():
 def test_mnli_three_classes():
     m = compute_metrics(TASKS["mnli"], np.array([0, 1, 2, 2]), np.array([0, 1, 2, 1]))
     assert m["accuracy"] == 0.75
+
+
+def test_every_task_metric_has_one_home():
+    """A task can name only metrics train/metrics.py defines (and the card, report and summary name them from
+    there); the summary orders the task's metrics first."""
+    from train.metrics import METRICS
+    from train.summary import PRIMARY_ORDER
+
+    used = {m for task in TASKS.values() for m in task.metrics}
+    assert used <= set(METRICS), used - set(METRICS)
+    assert used == set(METRICS)  # no metric defined that no task uses
+    assert PRIMARY_ORDER[: len(METRICS)] == tuple(METRICS)
+    assert all(m.hub_id and m.title and m.short for m in METRICS.values())

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from train.files import write_atomic
+from train.metrics import METRICS
 from train.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -32,14 +33,6 @@ log = logging.getLogger(__name__)
 
 GLUE_DATASET = "nyu-mll/glue"  # the Hub id of GLUE, whatever data.glue_dir the run read it from
 WHICH = ("best", "final")
-# our metric name -> (Hub metric id, display name)
-METRICS = {
-    "accuracy": ("accuracy", "Accuracy"),
-    "f1": ("f1", "F1"),
-    "matthews_corr": ("matthews_correlation", "Matthews Correlation"),
-    "pearson": ("pearsonr", "Pearson"),
-    "spearman": ("spearmanr", "Spearman"),
-}
 DISTRIBUTED = {
     "NO": "none (one process)",
     "MULTI_GPU": "multi-GPU (DDP)",
@@ -128,7 +121,7 @@ def eval_results_for(task: Task, result: dict) -> list[EvalResult]:
         for name in task.metrics:
             if name not in values:
                 continue
-            metric_id, pretty = METRICS[name]
+            metric_id, pretty = METRICS[name].hub_id, METRICS[name].title
             out.append(
                 EvalResult(
                     task_type="text-classification",
@@ -155,7 +148,7 @@ def dev_metric_names(task: Task) -> list[str]:
 
 
 def _pretty(name: str) -> str:
-    return {"loss": "Loss", "score": "GLUE score"}.get(name) or METRICS[name][1]
+    return {"loss": "Loss", "score": "GLUE score"}.get(name) or METRICS[name].title
 
 
 def results_lines(task: Task, result: dict) -> list[str]:
@@ -273,7 +266,7 @@ def build_card(run_dir: str | Path, which: str) -> ModelCard:
         language="en",
         base_model=base,
         datasets=[GLUE_DATASET],
-        metrics=[METRICS[m][0] for m in task.metrics],
+        metrics=[METRICS[m].hub_id for m in task.metrics],
         library_name="transformers",
         pipeline_tag="text-classification",
         tags=["text-classification", "glue", "glue-train"],

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from train import dist
+from train.backends import current
 from train.errors import UserError
 from train.files import fsync_dir as _fsync_dir
 
@@ -274,7 +275,7 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
             error = e
     if not dist.any_rank(error is not None):
         try:
-            acc.save_state(str(tmp))
+            current().save_state(acc, str(tmp))
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             error = e
     if not dist.any_rank(error is not None) and acc.is_main_process:
@@ -318,7 +319,7 @@ def load(acc, path: Path) -> dict:
     """Restore model, optimizer, scheduler, scaler and RNG states; returns ``trainer_state.json``."""
     try:
         state = json.loads((Path(path) / STATE).read_text())
-        acc.load_state(str(path))
+        current().load_state(acc, str(path))
     except Exception as e:  # noqa: BLE001 - a corrupt checkpoint fails deep inside torch/safetensors
         raise CheckpointError(
             f"checkpoint {path} is corrupt or does not belong to this run/model and cannot be loaded "
@@ -352,7 +353,7 @@ def export_model(acc, model, tokenizer, dest: Path) -> None:
     Written to ``<dest>.tmp`` and renamed over ``dest``; if that fails (disk full) every rank raises
     ``CheckpointError`` and the previous ``dest`` is left as it was.
     """
-    state_dict = acc.get_state_dict(model)
+    state_dict = current().full_state_dict(acc, model)
     error: BaseException | None = None
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")

@@ -1,12 +1,67 @@
-"""GLUE metrics exactly as the benchmark defines them (scikit-learn / scipy, nothing fetched at run time)."""
+"""GLUE metrics exactly as the benchmark defines them (scikit-learn / scipy, nothing fetched at run time).
+
+:data:`METRICS` is the one home of a metric: how it is computed and how the model card, the report and the summary
+name it. To add one: an entry here and its name in a task's ``metrics`` (``train/tasks.py``). Light at import (the
+summary and report read the names): scikit-learn and scipy are imported when a metric is computed.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from train.tasks import Task
+import numpy as np
+
+if TYPE_CHECKING:
+    from train.tasks import Task
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(labels, pred))
+
+
+def _f1(pred: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, pred))  # positive class = 1, as GLUE scores it
+
+
+def _matthews(pred: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(labels, pred))
+
+
+def _pearson(pred: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.stats import pearsonr
+
+    return _finite(pearsonr(pred, labels)[0])
+
+
+def _spearman(pred: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return _finite(spearmanr(pred, labels)[0])
+
+
+@dataclass(frozen=True)
+class Metric:
+    compute: Callable[[np.ndarray, np.ndarray], float]  # (predictions, labels) -> value
+    hub_id: str  # the model card's model-index metric type (the Hub's metric id)
+    title: str  # the model card's display name
+    short: str  # the report's column name
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric(_accuracy, "accuracy", "Accuracy", "accuracy"),
+    "f1": Metric(_f1, "f1", "F1", "F1"),
+    "matthews_corr": Metric(_matthews, "matthews_correlation", "Matthews Correlation", "Matthews corr"),
+    "pearson": Metric(_pearson, "pearsonr", "Pearson", "Pearson"),
+    "spearman": Metric(_spearman, "spearmanr", "Spearman", "Spearman"),
+}
 
 
 def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -14,20 +69,7 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
 
     ``predictions`` are class ids for classification tasks and raw scores for STS-B.
     """
-    out: dict[str, float] = {}
-    for name in task.metrics:
-        if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
-        elif name == "f1":
-            out[name] = float(f1_score(labels, predictions))  # positive class = 1, as GLUE scores it
-        elif name == "matthews_corr":
-            out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name == "pearson":
-            out[name] = _finite(pearsonr(predictions, labels)[0])
-        elif name == "spearman":
-            out[name] = _finite(spearmanr(predictions, labels)[0])
-        else:
-            raise ValueError(f"unknown metric {name}")
+    out = {name: METRICS[name].compute(predictions, labels) for name in task.metrics}
     out["score"] = float(np.mean([out[m] for m in task.metrics]))
     return out
 

@@ -25,17 +25,10 @@ from pathlib import Path
 
 from train import reference, selection, submission
 from train.files import write_atomic
+from train.metrics import METRICS
 from train.runs import RunRecord, scan
 from train.tasks import TASKS, Task
 
-METRIC_NAMES = {
-    "matthews_corr": "Matthews corr",
-    "accuracy": "accuracy",
-    "f1": "F1",
-    "pearson": "Pearson",
-    "spearman": "Spearman",
-    "score": "score",
-}
 _SPLIT_SUFFIX = {"validation_matched": "-m", "validation_mismatched": "-mm"}
 
 
@@ -248,7 +241,7 @@ def group_table(gs: GroupSummary) -> list[str]:
         if not es.n:
             continue  # listed under the table as missing
         for metric, st, ref in _metric_rows(es):
-            name = METRIC_NAMES[metric] if metric != "score" else f"score (mean of {len(es.entry.metrics)})"
+            name = METRICS[metric].short if metric != "score" else f"score (mean of {len(es.entry.metrics)})"
             lo, hi = (min(st.values), max(st.values)) if st.n else (None, None)
             lines.append(
                 f"| {es.entry.label} | {name} | {st.n} | {_mean_std(st)} | {fmt(st.median)} | {fmt(lo)} "

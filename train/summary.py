@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PRIMARY_ORDER = ("accuracy", "f1", "matthews_corr", "pearson", "spearman", "score", "loss")
+from train.metrics import METRICS
+
+PRIMARY_ORDER = (*METRICS, "score", "loss")
 
 
 def _read(path: Path) -> Any:

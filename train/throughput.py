@@ -47,9 +47,9 @@ def count_matmul_params(model: torch.nn.Module, backend=None) -> int:
     report their full size)."""
     import torch
 
-    from train.backends import Backend
+    from train.backends.ddp import DDP
 
-    numel = (backend or Backend()).param_numel
+    numel = (backend or DDP()).param_numel
     skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     return sum(numel(p) for p in model.parameters() if id(p) not in skip)
 

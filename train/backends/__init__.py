@@ -2,9 +2,11 @@
 
 The backend is chosen by the launch (``accelerate launch --config_file configs/accelerate/<name>.yaml``), never
 by the run config, and :func:`current` returns the one in use. Everything that differs between backends is a
-method of :class:`Backend`; the loop, the fast path, the non-finite guard, checkpoints and tracking ask the
-backend and never test which one it is. To add a backend: a module here with a subclass, a branch in
-:func:`current`, an Accelerate config in ``configs/accelerate/``, and its equivalence test against DDP.
+method of :class:`Backend` (``base.py``: the interface, with DDP's behaviour as its defaults; ``ddp.py``,
+``deepspeed.py`` and ``fsdp.py``: the backends); the loop, the fast path, the non-finite guard, checkpoints and
+tracking ask the backend and never test which one it is. To add a backend: a module here with a subclass, a
+branch in :func:`launched`/:func:`current`, an Accelerate config in ``configs/accelerate/``, and its equivalence
+test against DDP (as ``tests/test_deepspeed.py`` and ``tests/test_fsdp.py``).
 """
 
 from __future__ import annotations
@@ -40,4 +42,6 @@ def current() -> Backend:
         from train.backends.fsdp import FSDP
 
         return FSDP()
-    return Backend()
+    from train.backends.ddp import DDP
+
+    return DDP()

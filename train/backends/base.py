@@ -60,12 +60,24 @@ class Backend:
         """Clip the global gradient norm to ``max_norm`` and return the pre-clip norm."""
         return acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
 
+    # -- state on disk (Accelerate knows each backend's format: DeepSpeed's engine files, FSDP's sharded state)
+    def save_state(self, acc, folder: str) -> None:
+        """Collective: model, optimizer, scheduler, scaler and RNG states into ``folder``."""
+        acc.save_state(folder)
+
+    def load_state(self, acc, folder: str) -> None:
+        """Collective: the inverse of :meth:`save_state`."""
+        acc.load_state(folder)
+
+    def full_state_dict(self, acc, model) -> dict:
+        """Collective: the whole model's weights on the main process (gathered from shards), for an export."""
+        return acc.get_state_dict(model)
+
     # -- what it ran with
     def describe(self, acc) -> dict[str, Any] | None:
         """The backend's own settings for ``run_info.json`` (None when there is nothing beyond DDP's)."""
         return None
 
     def title(self, acc) -> str:
-        if acc.num_processes > 1:
-            return f"DDP ({acc.num_processes} processes, {acc.state.backend or 'default'} backend)"
-        return "single process"
+        """One line for the start block and the summary: the backend and its layout."""
+        return f"{self.name} ({acc.num_processes} processes)"
