@@ -174,7 +174,7 @@ def assert_card_and_curves_match(out: Path) -> None:
 
     results = _json(out / "eval_results.json")
     task = get_task(results["task"])
-    metric_ids = {name: cardmod.METRICS[name][0] for name in task.metrics}
+    metric_ids = {name: cardmod.METRICS[name].hub_id for name in task.metrics}
     for which in cardmod.WHICH:
         card = ModelCard.load(out / which / "README.md", ignore_metadata_errors=False)
         assert cardmod.check_card(card) == [], which
