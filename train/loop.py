@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train import backends, checkpoint, data, dist, runfolder, summary
+from train import backends, checkpoint, data, dist, runfolder, submission, summary
 from train.card import write_model_cards
 from train.config import Config, run_folder, to_dict
 from train.curves import plot_run
@@ -704,18 +704,7 @@ def write_test_predictions(run: Run) -> None:
         p = predict(run, loader)
         if run.acc.is_main_process:
             folder.mkdir(exist_ok=True)
-            write_submission(folder / split.submission, run.task, p["idx"], p["pred"])
-
-
-def write_submission(path: Path, task: Task, idx: np.ndarray, pred: np.ndarray) -> None:
-    """``index\\tprediction`` rows in the GLUE server's label format."""
-    order = np.argsort(idx, kind="stable")
-    names = task.submission_labels or task.labels
-    lines = ["index\tprediction"]
-    for i in order:
-        value = f"{min(5.0, max(0.0, float(pred[i]))):.3f}" if task.is_regression else names[int(pred[i])]
-        lines.append(f"{int(idx[i])}\t{value}")
-    write_atomic(path, "\n".join(lines) + "\n")
+            submission.write_predictions(folder / split.submission, run.task, p["idx"], p["pred"])
 
 
 # ----------------------------------------------------------------------------------------------------------

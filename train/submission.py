@@ -39,6 +39,22 @@ TEST_ROWS: dict[str, int] = {
 STSB_RANGE = (0.0, 5.0)
 
 
+def write_predictions(path: Path, task: Task, idx, pred) -> None:
+    """One GLUE server file: ``index\tprediction`` rows in index order, in the server's label format (STS-B: the
+    score clamped to ``STSB_RANGE``). ``idx``/``pred``: numpy arrays of the test rows' indices and predictions."""
+    import numpy as np
+
+    from train.files import write_atomic
+
+    low, high = STSB_RANGE
+    names = task.submission_labels or task.labels
+    lines = [HEADER]
+    for i in np.argsort(idx, kind="stable"):
+        value = f"{min(high, max(low, float(pred[i]))):.3f}" if task.is_regression else names[int(pred[i])]
+        lines.append(f"{int(idx[i])}\t{value}")
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
 def submission_tasks() -> dict[str, Task]:
     """GLUE server file name -> the task whose model writes it (from the task table)."""
     return {s.submission: t for t in TASKS.values() for s in t.splits if s.kind == "test" and s.submission}
