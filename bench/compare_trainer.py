@@ -231,7 +231,7 @@ def device_name(device: torch.device) -> str:
 
 
 def flops_per_sample(model: torch.nn.Module, lengths: np.ndarray) -> float:
-    """The same model-FLOPs formula as the training metrics (train/tracking.py): 6 x matmul params x tokens."""
+    """The same model-FLOPs formula as the training metrics (train/throughput.py): 6 x matmul params x tokens."""
     from train.throughput import count_matmul_params
 
     return 6.0 * count_matmul_params(model) * float(lengths.mean())
