@@ -192,7 +192,7 @@ def test_file_size_limit_during_save(tmp_path: Path) -> None:
 FUZZ_ARGS = [
     "precision=no",
     "model.dropout=0",
-    # 192 optimizer steps: long enough that 20 kills land before the end even on an idle machine
+    # 192 optimizer steps: long enough that KILLS kills land before the end even on an idle machine
     # (a kill consumes at most a few steps; with 40 steps an unloaded run finished after 15 kills).
     "train.epochs=6",
     "checkpoint.every_steps=1",
@@ -201,6 +201,9 @@ FUZZ_ARGS = [
     "train.log_every=1",
 ]
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
+# Each kill costs a fresh interpreter start (~10 s on 2 cores). The seeded draw of the first 12 kill points is 6
+# inside a save, 4 after a new checkpoint and 2 during start-up (deterministic: the same seed every run).
+KILLS = 12
 
 
 def _complete_steps(out: Path) -> list[Path]:
@@ -237,7 +240,7 @@ def test_kill9_fuzz_resumes_to_identical_weights(tmp_path: Path) -> None:
     rng = random.Random(20261127)
     kills, in_save, resumes, partial_reported = 0, 0, 0, 0
     logs: list[str] = []
-    while kills < 20:
+    while kills < KILLS:
         expected = (_complete_steps(out) or [None])[-1]  # what this start must resume from
         log_path = tmp_path / f"log-{kills:02d}.txt"
         with open(log_path, "w") as fh:
@@ -286,7 +289,7 @@ def test_kill9_fuzz_resumes_to_identical_weights(tmp_path: Path) -> None:
     # the last start runs to the end
     proc = run_train(["--config", str(SMOKE), f"output_dir={out}", *FUZZ_ARGS])
     elapsed = time.monotonic() - t0
-    assert kills == 20, f"the run finished after only {kills} kills"
+    assert kills == KILLS, f"the run finished after only {kills} kills"
     ref_w, got_w = load_weights(ref), load_weights(out)
     assert ref_w.keys() == got_w.keys()
     for key in ref_w:
@@ -296,5 +299,5 @@ def test_kill9_fuzz_resumes_to_identical_weights(tmp_path: Path) -> None:
     rows = [tuple(r[k] for k in keys) for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     ref_rows = [tuple(r[k] for k in keys) for r in read_metrics(ref / "metrics.jsonl") if "train/loss" in r]
     assert rows == ref_rows
-    assert in_save >= 4 and resumes >= 10 and partial_reported >= 2, (in_save, resumes, partial_reported)
+    assert in_save >= 3 and resumes >= 6 and partial_reported >= 2, (in_save, resumes, partial_reported)
     print(f"kill -9 fuzz: {kills} kills ({in_save} inside a save), {resumes} resumes, {elapsed:.0f} s")

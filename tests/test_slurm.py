@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SMOKE, load_weights, run_train
+from conftest import REPO, SMOKE, load_weights
 
 pytestmark = pytest.mark.slurm
 
@@ -219,7 +219,7 @@ def assert_resumed_mid_run(
     assert m, f"no resume in the log:\n{log[-6000:]}"
     step = int(m.group(1))
     # A signal lands wherever the run is: on an epoch's last step 1 time in 32, so mid-epoch is not required here
-    # (test_crash_fuzz's 20 kills with a checkpoint every step resume mid-epoch for certain).
+    # (test_crash_fuzz's 12 kills with a checkpoint every step resume mid-epoch for certain).
     assert 0 < step < total, f"resumed at step {step}: not inside the run (1..{total - 1})"
     return step
 
@@ -341,11 +341,12 @@ def test_preempt_time_limit_signal(workdir):
     so that the second run can finish."""
     # SLURM's first time-limit check may come 30 s after the start; on an idle machine the shared 192-step run
     # and then a 512-step run (27 steps/s: 28 s from submission, signalled 0.5 s after its end) both finished
-    # before it (seen in CI), so this test trains 2048 steps (~75 s idle) against its own uninterrupted reference.
+    # before it (seen in CI), so this test trains 2048 steps (~75 s idle). What this test adds is SLURM's own
+    # time-limit signal; the requeue path after the signal is the one test_preempt_usr1_to_batch_shell and the
+    # partition test hold to the uninterrupted run's weights, so no 2048-step reference is trained here: every
+    # step 1..2048 logged exactly once and a resume from inside the run are checked.
     epochs = 64
     args = [a if not a.startswith("train.epochs=") else f"train.epochs={epochs}" for a in RUN_ARGS]
-    ref = workdir / "timelimit-reference"
-    run_train([*args, f"output_dir={ref}"], nproc=2)
     out = workdir / "timelimit"
     job = submit_train(out, workdir, ("--time=2", "--signal=B:USR1@120"), args)
     lifted = []
@@ -360,7 +361,6 @@ def test_preempt_time_limit_signal(workdir):
     assert_finished(out, workdir, job, info, total=total)
     assert info["Restarts"] == "1", f"not requeued once ({info}): did the run end before SLURM's time check?"
     assert_resumed_mid_run(out, workdir, job, total=total)
-    assert_same_weights(out, ref)
 
 
 def test_preempt_by_high_priority_partition(reference, workdir):
