@@ -121,9 +121,8 @@ def resolve_wandb(cfg: Config, out: Path, environ: dict[str, str] | None = None)
     )
 
 
-INIT_TIMEOUT_S = (
-    10  # W&B's own init timeout; with its start and teardown a failed online init ends within ~25 s
-)
+# W&B's own init timeout; with its start and teardown a failed online init ends within ~25 s
+INIT_TIMEOUT_S = 10
 
 
 def has_api_key(base_url: str | None = None) -> bool:
@@ -181,10 +180,10 @@ class WandbSink:
         from train.provenance import git_info
 
         config = to_dict(self.cfg)
-        info = dict(self.run_info)
-        if "git" not in info and "git_sha" not in info:
-            info["git"] = git_info()
         import wandb
+
+        info = dict(self.run_info)
+        info["git"] = git_info()
 
         info["versions"] = {**info.get("versions", {}), "wandb": wandb.__version__}
         config["run"] = info
@@ -270,7 +269,6 @@ class WandbSink:
     def log(self, row: dict, step: int) -> None:
         if self.wandb_run is None:
             return
-        step = int(row["step"])
         if step <= self.floor:
             log.debug("not sending step %d to W&B: it already holds steps up to %d", step, self.floor)
             return
