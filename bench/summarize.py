@@ -95,7 +95,8 @@ def markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 def table(files: list[str]) -> str:
-    rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
+    lines = [line for f in files for line in Path(f).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in dict.fromkeys(lines)]  # a line repeated (a file appended twice) once
     parts = []
     for name, columns, title in (
         ("throughput", COLUMNS, None),

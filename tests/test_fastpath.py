@@ -442,6 +442,26 @@ def test_gradients_kept_for_cuda_graphs_accumulate_like_eager(tmp_path, monkeypa
         assert abs(a - b) <= LOSS_TOL * max(1.0, abs(b)), (kept, eager)
 
 
+def test_dynamic_length_one_graph_for_every_bucket(tmp_path):
+    """fast.dynamic: the sequence dimension is symbolic, so two buckets cost one train and one eval graph, and
+    the training equals the eager one."""
+    common = [c for c in COMMON if not c.startswith("fast.")] + ["fast.bucket_multiple=32"]  # buckets 32, 64
+    run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'eager'}", *common])
+    fast = run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path / 'fast'}",
+            *common,
+            "fast.enabled=true",
+            "fast.backend=aot_eager",
+            "fast.dynamic=true",
+        ]
+    )
+    assert "padding buckets [32, 64] (one graph for all lengths)" in fast.stderr + fast.stdout
+    _compare(tmp_path / "eager", tmp_path / "fast", LOSS_TOL)  # at most 2 graphs, no recompiles
+
+
 @pytest.mark.slow
 def test_inductor_training_matches_eager(tmp_path):
     common = [c for c in COMMON if not c.startswith("fast.")] + ["fast.bucket_multiple=64"]
@@ -530,7 +550,8 @@ def test_compare_trainer_smoke(tmp_path):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_fast_matches_eager_bf16(tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gpu_fast_matches_eager_bf16(tmp_path, dynamic):
     common = [
         "model.dropout=0",
         "precision=bf16",
@@ -541,9 +562,17 @@ def test_gpu_fast_matches_eager_bf16(tmp_path):
         "fast.bucket_multiple=32",
     ]
     run_train(["--config", str(SMOKE), f"output_dir={tmp_path / 'eager'}", *common, "fast.enabled=false"])
+    # fast.enabled=true: auto would take the eager path here (10 steps cannot pay back a cold compile)
     fast = run_train(
-        ["--config", str(SMOKE), f"output_dir={tmp_path / 'fast'}", *common]
-    )  # auto: on for CUDA
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={tmp_path / 'fast'}",
+            *common,
+            "fast.enabled=true",
+            f"fast.dynamic={str(dynamic).lower()}",
+        ]
+    )
     assert "CUDA graphs on" in fast.stderr + fast.stdout
     eager_rows, fast_rows = _train_rows(tmp_path / "eager"), _train_rows(tmp_path / "fast")
     for a, b in zip(fast_rows, eager_rows, strict=True):
@@ -595,6 +624,7 @@ def test_gpu_no_host_sync_inside_the_step(tmp_path):
             "checkpoint.resume=never",
             "data.max_length=64",
             "fast.bucket_multiple=64",
+            "fast.enabled=true",  # auto would not compile for a run this short
         ],
     )
     run = loop.setup(cfg)

@@ -13,11 +13,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, SMOKE, accelerate_cmd, load_weights, run_train
+from conftest import REPO, SMOKE, accelerate_cmd, free_port, load_weights, run_train
 
 FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
 EXACT = [
@@ -70,6 +71,58 @@ def test_fsdp_launch_without_gpus_is_refused_not_run_unsharded(tmp_path):
         errors
     )
     assert not (tmp_path / "run").exists()
+
+
+SHARD = """
+import sys, torch, torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoModelForSequenceClassification
+from train.backends.fsdp import layer_units
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+acc = Accelerator(cpu=True)
+for arg in sys.argv[1:]:
+    folder, names = arg.rsplit("=", 1)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.transformer_cls_names_to_wrap = None if names == "accelerate" else layer_units(model)
+    acc.state.fsdp_plugin = plugin  # Accelerate runs FSDP on GPUs only; its sharding function runs on CPU too
+    try:
+        model = fsdp2_prepare_model(acc, model)
+        model(input_ids=torch.tensor([[2, 40, 41, 42, 3]]), labels=torch.tensor([1])).loss.backward()
+    except Exception as e:
+        print("RESULT", folder, "failed:", repr(e)[:200])
+        continue
+    units = sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
+    print("RESULT", folder, ",".join(units))
+"""
+
+
+def test_fsdp_layer_units_shard_every_family(families):
+    """One FSDP unit per layer, the word embeddings on their own, for every family: Accelerate's own FSDP2
+    sharding (one gloo process) with :func:`train.backends.fsdp.layer_units`, then a forward and backward.
+    Found on an H200: BERT lists its embeddings block among its layer classes, and with Accelerate's default
+    (``_no_split_modules``) the word embeddings were sharded twice."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}
+    env.update(WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    args = [f"{families['bert']}=accelerate", *(f"{folder}=ours" for folder in families.values())]
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARD, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(families) + 1, proc.stdout
+    assert "value was None" in results[0][1], f"Accelerate's default now shards BERT: {results[0]}"
+    for folder, units in results[1:]:
+        assert not units.startswith("failed"), (folder, units)
+        units = units.split(",")
+        assert any("Embedding" in u for u in units) and len(units) >= 3, (
+            folder,
+            units,
+        )  # root, embeddings, layers
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -215,6 +215,11 @@ class FastConfig:
         None,
         "fast path: a fixed set of padded lengths instead of multiples (data.max_length is always added)",
     )
+    dynamic: bool = f(
+        False,
+        "fast path: one compiled graph over every bucket length (the sequence dimension symbolic) instead of one "
+        "per bucket: a cold compile about len(buckets) times shorter; CUDA graphs are still recorded per bucket",
+    )
     fused_adamw: bool = f(True, "fast path: torch.optim.AdamW(fused=True), one kernel for the whole update")
     precompile: bool = f(
         True, "fast path: compile every bucket shape before the first step (no compiles later)"

@@ -77,8 +77,14 @@ class Decision:
     cudagraphs: bool = False
     fused_adamw: bool = False
     buckets: tuple[int, ...] | None = None
+    dynamic: bool = False  # one graph over every bucket length (sequence dimension symbolic)
     cache: CompileCache | None = None  # the shared compile cache and this run's compile key
     cache_state: CacheState | None = None  # what it held before compiling
+
+    @property
+    def shapes(self) -> int:
+        """The graphs compiling costs: train and eval, per bucket (or once each with ``dynamic``)."""
+        return 2 if self.dynamic else 2 * len(self.buckets or ())
 
     def describe(self) -> str:
         if not self.enabled:
@@ -87,7 +93,8 @@ class Decision:
             f"compile backend={self.backend} mode={self.mode}" if self.compile else "no compile",
             f"CUDA graphs {'on' if self.cudagraphs else 'off'}",
             f"fused AdamW {'on' if self.fused_adamw else 'off'}",
-            f"padding buckets {list(self.buckets or ())}",
+            f"padding buckets {list(self.buckets or ())}"
+            + (" (one graph for all lengths)" if self.dynamic and self.compile else ""),
         ]
         return f"fast path on ({self.reason}): " + ", ".join(parts)
 
@@ -131,8 +138,9 @@ def decide(
         mode = None  # modes are inductor options; other backends (aot_eager, eager) take none
     cudagraphs = cuda and fc.compile and mode in ("reduce-overhead", "max-autotune")
     buckets = bucket_lengths(cfg.data.max_length, fc.bucket_multiple, fc.buckets)
+    dynamic = fc.dynamic and fc.compile and len(buckets) > 1
     if fc.enabled == "auto" and fc.compile and steps is not None and cache is not None:
-        pays, why = auto_pays_off(device.type, steps, 2 * len(buckets), cache)
+        pays, why = auto_pays_off(device.type, steps, 2 if dynamic else 2 * len(buckets), cache)
         if not pays:
             return Decision(False, why)
         reason += f"; {why}"
@@ -145,14 +153,22 @@ def decide(
         cudagraphs=cudagraphs,
         fused_adamw=fc.fused_adamw and device.type in ("cuda", "cpu"),
         buckets=buckets,
+        dynamic=dynamic,
     )
 
 
-# ``fast.enabled=auto``'s cost model (issue 16). Estimates, calibrated where measured; bench/README.md has the
-# numbers they come from, and ``bench/compare_trainer.py --end-to-end`` measures the real thing per machine.
-COLD_S_PER_SHAPE = {"cuda": 20.0, "cpu": 40.0}  # compiling one (bucket x train/eval) shape with a cold cache
-WARM_FRACTION = 0.1  # a warm cache's compile time / a cold one's (CPU, tiny model, 8 shapes: 23 s / 333 s)
-SAVED_S_PER_STEP = {"cuda": 0.03}  # eager step - compiled step, bert-base at batch 16 (none on CPU)
+# ``fast.enabled=auto``'s cost model. Measured where the comment says; bench/README.md has the runs, and
+# ``bench/compare_trainer.py --end-to-end`` measures them per machine.
+# Cold compile of one (bucket x train/eval) shape: cuda from an H200 on 2026-12-04 (bert-base, bf16,
+# reduce-overhead, torch 2.11: 8 shapes in 180.6 s); cpu from 2 EPYC cores (tiny model, inductor).
+COLD_S_PER_SHAPE = {"cuda": 22.6, "cpu": 40.0}
+# A warm cache's compile time / a cold one's. cpu: 23 s / 333 s (tiny model, 8 shapes). cuda: not measured yet;
+# on the H200 the warm run had not finished 78 s after it started (cold: 215 s, 35 s of it not compiling),
+# so its compile took over 43 s, a quarter of the cold one at least.
+WARM_FRACTION = {"cuda": 0.25, "cpu": 0.1}
+# Eager step - compiled step: H200, bert-base, bf16, batch 16, RTE: 38.97 s / 780 steps eager vs 7.66 s compiled
+# with CUDA graphs (50.0 vs 9.8 ms). None on CPU (the compiled step was slower there).
+SAVED_S_PER_STEP = {"cuda": 0.040}
 
 
 def estimate_compile_s(device_type: str, shapes: int, cache: CacheState) -> tuple[float, str]:
@@ -163,7 +179,8 @@ def estimate_compile_s(device_type: str, shapes: int, cache: CacheState) -> tupl
         return cache.cold_s, "cold cache, as measured the last time"
     cold = cache.cold_s if cache.cold_s is not None else shapes * COLD_S_PER_SHAPE.get(device_type, 40.0)
     if cache.warm:
-        return cold * WARM_FRACTION, f"warm cache: {WARM_FRACTION:g} x the cold compile"
+        fraction = WARM_FRACTION.get(device_type, 0.25)
+        return cold * fraction, f"warm cache: {fraction:g} x the cold compile"
     return cold, f"cold cache: {shapes} shapes x {COLD_S_PER_SHAPE.get(device_type, 40.0):g} s"
 
 
@@ -262,6 +279,7 @@ def _compile_key(
         "precision": precision,  # what the run computes in (cfg.precision may say auto)
         "backend": d.backend,
         "mode": d.mode,
+        "dynamic": d.dynamic,
         "world": layout.world,
     }
     return compile_key(parts), parts
@@ -317,7 +335,10 @@ class FastPath:
             if hasattr(dcfg, name):
                 setattr(dcfg, name, max(getattr(dcfg, name), n))
         self.graphs_at_start = compiled_graphs()
-        kwargs: dict = {"backend": d.backend, "dynamic": False}
+        kwargs: dict = {
+            "backend": d.backend,
+            "dynamic": None if d.dynamic else False,
+        }  # None: mark_dynamic rules
         if d.mode is not None:
             kwargs["mode"] = d.mode
         fwd, loss = self.forward, self.loss
@@ -372,7 +393,12 @@ class FastPath:
         before = compiled_graphs()
         if self.decision.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay are no longer read
-        out = fn({k: batch[k] for k in (*self.inputs.model_keys, *LOSS_KEYS)})
+        args = {k: batch[k] for k in (*self.inputs.model_keys, *LOSS_KEYS)}
+        if self.decision.dynamic:
+            for t in args.values():
+                if torch.is_tensor(t) and t.dim() >= 2:  # (rows, length): only the length varies
+                    torch._dynamo.mark_dynamic(t, 1)
+        out = fn(args)
         if compiled_graphs() != before:
             if new_shape:
                 log.info(
@@ -461,7 +487,7 @@ class FastPath:
         self.warm = True
         self.warmup_s = time.perf_counter() - t0
         log.info(
-            "fast path: %d shapes compiled in %.1f s (%d graphs)",
+            "fast path: %d shapes ready in %.1f s (%d graphs compiled)",
             2 * len(self.decision.buckets or ()),
             self.warmup_s,
             self.graph_count(),
@@ -546,7 +572,7 @@ def attach(
         )
         fast.cache_lookups = lookups_since(before)
         if decision.cache and acc.is_main_process:
-            decision.cache.save(fast.compile_s, fast.cache_lookups, 2 * len(decision.buckets or ()))
+            decision.cache.save(fast.compile_s, fast.cache_lookups, decision.shapes)
         _log_compile(fast)
     return fast
 
