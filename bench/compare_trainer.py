@@ -58,7 +58,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from train.throughput import peak_flops  # noqa: E402
+from train.tracking.throughput import peak_flops  # noqa: E402
 
 log = logging.getLogger("bench")
 TINY = REPO / "train" / "assets" / "tiny-bert"
@@ -231,8 +231,8 @@ def device_name(device: torch.device) -> str:
 
 
 def flops_per_sample(model: torch.nn.Module, lengths: np.ndarray) -> float:
-    """The same model-FLOPs formula as the training metrics (train/throughput.py): 6 x matmul params x tokens."""
-    from train.throughput import count_matmul_params
+    """The same model-FLOPs formula as the training metrics (train/tracking/throughput.py): 6 x matmul params x tokens."""
+    from train.tracking.throughput import count_matmul_params
 
     return 6.0 * count_matmul_params(model) * float(lengths.mean())
 
@@ -277,11 +277,11 @@ def free() -> None:
 
 
 def trainer_dataset(train_ds, tokenizer, model, padding: str, max_length: int):
-    """The tokenized rows as the Trainer takes them: the model's own input fields (train/model.py's
+    """The tokenized rows as the Trainer takes them: the model's own input fields (train/model/load.py's
     ``model_inputs``, never assumed BERT names), ``labels``; and the collator for ``padding``."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    from train.model import model_inputs
+    from train.model.load import model_inputs
 
     inputs = model_inputs(tokenizer, model)
     keep = {*inputs.fields, "label"}
@@ -354,8 +354,8 @@ def run_trainer(a: argparse.Namespace, model_dir: Path, train_ds, root: Path, pr
 def run_loop(
     a: argparse.Namespace, model_dir: Path, glue_dir: Path, task: str, root: Path, fast: bool
 ) -> dict:
-    from train import loop
     from train.config import load_config
+    from train.engine import loop
 
     name = "loop_fast" if fast else "loop_eager"
     overrides = [
@@ -423,7 +423,7 @@ def profile(run, name: str, folder: Path, steps: int = 20) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from train import loop
+    from train.engine import loop
 
     if (run.state.step_in_epoch + steps) > run.sampler.steps_per_epoch():
         log.warning("profile: not enough rows left for %d more steps of %s; skipped", steps, name)
@@ -458,13 +458,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(a: argparse.Namespace, stdout) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("train.fastpath").setLevel(logging.INFO)
+    logging.getLogger("train.engine.fastpath").setLevel(logging.INFO)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from train import data
     from train.config import load_config
-    from train.model import load_tokenizer
+    from train.data import batches, tokenized
+    from train.model.load import load_tokenizer
     from train.tasks import get_task
 
     paths = [p for p in a.paths.split(",") if p]
@@ -493,10 +493,10 @@ def measure(a: argparse.Namespace, stdout) -> int:
             f"data.cache_dir={root / 'cache'}",
         ],
     )
-    train_ds = data.tokenize_split(cfg.data, task, task.split("train")[0], load_tokenizer(cfg))
+    train_ds = tokenized.tokenize_split(cfg.data, task, task.split("train")[0], load_tokenizer(cfg))
     if len(train_ds) < rows:
         raise SystemExit(f"{a.lengths}: {len(train_ds)} training rows, the run needs {rows}; lower --steps")
-    lengths = data.row_lengths(train_ds)
+    lengths = batches.row_lengths(train_ds)
     cuda = torch.cuda.is_available()
     precision = a.precision
     if precision == "auto":

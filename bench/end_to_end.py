@@ -14,7 +14,7 @@ folder (``fast.cache_dir``), then ``warm`` with the folder the cold run filled, 
 sweep sees (the Trainer and the eager loop compile nothing: their two runs differ only by chance).
 ``--cache-dir DIR`` gives ``loop_fast`` a folder filled before (e.g. by another task's run of the same model
 shape): it is not emptied, and a run is labelled ``warm`` when the folder held a compile record. The tokenized data
-is written once before any timing (as ``python -m train.prepare`` does before a sweep), so every run reads
+is written once before any timing (as ``glue-train prepare`` does before a sweep), so every run reads
 the same cached rows. All runs train the same randomly initialised model (``--model``), at the same batch,
 learning rate (2e-5), precision and max length, and evaluate once, at the end (``eval.every_epoch=false``).
 
@@ -24,7 +24,7 @@ training loop alone), ``compile_s`` and ``compile_cache`` (from run_info.json; 0
 ``speedup_vs_trainer`` (the Trainer's wall_s in the same cache state, else its cold one / this run's), and,
 for ``loop_fast``,
 ``auto``: what ``fast.enabled=auto`` would have chosen for this run from the cache state it started with
-(train/fastpath.py ``auto_pays_off``) and whether the fast path in fact finished before the eager one.
+(train/engine/fastpath.py ``auto_pays_off``) and whether the fast path in fact finished before the eager one.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def launch(cmd: list[str], log_path: Path) -> float:
 
 def loop_result(out: Path, primary: str) -> dict:
     """What a ``python -m train`` run left: dev results, compile facts, the training loop's rate."""
-    from train.tracking import read_metrics
+    from train.tracking.tracker import read_metrics
 
     results = json.loads((out / "eval_results.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
@@ -116,11 +116,11 @@ def paths_of(a: argparse.Namespace) -> tuple[list[str], set[str]]:
 
 
 def setup(a: argparse.Namespace, root: Path) -> tuple[dict, dict]:
-    """The model folder and the tokenized rows (untimed, as ``python -m train.prepare`` before a sweep), and
+    """The model folder and the tokenized rows (untimed, as ``glue-train prepare`` before a sweep), and
     what every run shares: ``ctx`` (to launch it) and ``common`` (the fields of every JSON line)."""
-    from train import data
     from train.config import load_config
-    from train.model import load_tokenizer
+    from train.data import tokenized
+    from train.model.load import load_tokenizer
     from train.tasks import get_task
 
     if not a.task_dir:
@@ -133,7 +133,7 @@ def setup(a: argparse.Namespace, root: Path) -> tuple[dict, dict]:
     cfg = load_config(None, base)
     tokenizer = load_tokenizer(cfg)
     for split in (*task.split("train"), *task.split("dev")):
-        data.tokenize_split(cfg.data, task, split, tokenizer)
+        tokenized.tokenize_split(cfg.data, task, split, tokenizer)
     cuda = torch.cuda.is_available()
     precision = a.precision
     if precision == "auto":
@@ -265,15 +265,15 @@ def loop_overrides(
 
 
 def _records(compile_dir: Path) -> dict[str, dict]:
-    """The compile records the folder holds, by compile key (train/compile_cache.py)."""
+    """The compile records the folder holds, by compile key (train/engine/compile_cache.py)."""
     folder = compile_dir / "glue-train"
     return {f.stem: json.loads(f.read_text()) for f in folder.glob("*.json")} if folder.exists() else {}
 
 
 def auto_verdict(row: dict, before: dict[str, dict], state: str, eager_wall: float | None) -> dict:
     """What ``fast.enabled=auto`` would have decided for this run, and whether compiling did finish first."""
-    from train.compile_cache import CacheState
-    from train.fastpath import auto_pays_off
+    from train.engine.compile_cache import CacheState
+    from train.engine.fastpath import auto_pays_off
 
     cc = row.get("compile_cache") or {}
     record = before.get(cc.get("key"), {})
@@ -299,10 +299,10 @@ def child_trainer(a: argparse.Namespace) -> int:
     import transformers
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-    from train import data
     from train.config import load_config
-    from train.metrics import compute_metrics
-    from train.model import load_tokenizer
+    from train.data import tokenized
+    from train.data.metrics import compute_metrics
+    from train.model.load import load_tokenizer
     from train.tasks import get_task
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
@@ -311,11 +311,11 @@ def child_trainer(a: argparse.Namespace) -> int:
     cfg = load_config(None, spec["overrides"])
     task = get_task(spec["task"])
     tokenizer = load_tokenizer(cfg)
-    train_ds = data.tokenize_split(cfg.data, task, task.split("train")[0], tokenizer)
+    train_ds = tokenized.tokenize_split(cfg.data, task, task.split("train")[0], tokenizer)
     if cfg.data.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.data.max_train_samples, len(train_ds))))
     dev_split = task.split("dev")[0]
-    dev_ds = data.tokenize_split(cfg.data, task, dev_split, tokenizer)
+    dev_ds = tokenized.tokenize_split(cfg.data, task, dev_split, tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"])
     train_rows, collator = ct.trainer_dataset(train_ds, tokenizer, model, spec["padding"], spec["max_length"])
     dev_rows, _ = ct.trainer_dataset(dev_ds, tokenizer, model, spec["padding"], spec["max_length"])

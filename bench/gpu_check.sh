@@ -50,7 +50,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     || { echo "installing $WHEELS/*.whl failed"; exit 2; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-"$PY" -c "import datasets, scipy, sklearn, yaml, accelerate, transformers, pytest, train.loop" \
+"$PY" -c "import datasets, scipy, sklearn, yaml, accelerate, transformers, pytest, train.engine.loop" \
   || { echo "a package the loop needs is missing: run bench/fetch_wheels.sh here and carry .whl"; exit 2; }
 
 model=bert-base

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start `python -m train` under `accelerate launch`. Knobs are environment variables; an optional first argument
+# Start `glue-train train` under `accelerate launch`. Knobs are environment variables; an optional first argument
 # names an Accelerate config file (configs/accelerate/*.yaml: DDP or DeepSpeed ZeRO); everything else goes to the
 # program unchanged.
 #

@@ -12,7 +12,7 @@ count_gpus() {
     fi
 }
 
-free_port() {  # the one helper for it: train/dist.py (the launchers set PYTHONPATH to the repository)
-    python3 -c 'from train.dist import free_port; print(free_port())' ||
+free_port() {  # the one helper for it: train/engine/dist.py (the launchers set PYTHONPATH to the repository)
+    python3 -c 'from train.engine.dist import free_port; print(free_port())' ||
         { echo "launch: python3 cannot import train (activate the project's virtual environment)" >&2; return 1; }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start `python -m train` under torchrun. Knobs are environment variables; every argument goes to the program.
+# Start `glue-train train` under torchrun. Knobs are environment variables; every argument goes to the program.
 #
 #   bash launch/torchrun.sh --config configs/tasks/sst2.yaml              # all GPUs of this machine
 #   NPROC=2 bash launch/torchrun.sh --config configs/smoke.yaml           # 2 processes (CPU/gloo without a GPU)

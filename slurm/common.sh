@@ -36,6 +36,6 @@ job_banner() {
 
 write_slurm_info() {
     # never fails the job: a problem here is reported and the run goes on (the program validates the config)
-    python3 -m train.slurm_info "$@" || echo "slurm: could not write slurm_info.json (see above); continuing" >&2
+    python3 -m train slurm-info "$@" || echo "slurm: could not write slurm_info.json (see above); continuing" >&2
 }
 export ROOT

@@ -35,7 +35,7 @@ def _tokenized_cache(tmp_path_factory):
 
 
 def free_port() -> int:
-    from train.dist import free_port as port
+    from train.engine.dist import free_port as port
 
     return port()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SMOKE, load_weights, run_train
 
-from train.tracking import read_metrics
+from train.tracking.tracker import read_metrics
 
 COMMON = [
     "model.dropout=0",
@@ -82,7 +82,7 @@ def test_training_moved_the_weights(runs, tmp_path):
     """Guards the comparison above against comparing untrained copies."""
     from transformers import AutoModelForSequenceClassification
 
-    from train.data import resolve_builtin
+    from train.data.glue import resolve_builtin
 
     init = AutoModelForSequenceClassification.from_pretrained(
         resolve_builtin("builtin:tiny-bert"), num_labels=2

@@ -9,7 +9,8 @@ import yaml
 from conftest import REPO
 
 from train.cli import main
-from train.config import Config, ConfigError, describe, load_config
+from train.config import Config, describe, load_config
+from train.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -104,7 +105,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_bundled_sweep_list_is_27_valid_runs():
     """sweeps/glue.txt (for `sbatch --array=0-26 slurm/sweep.sbatch sweeps/glue.txt`) loads line by line."""
-    from train.loop import output_dir
+    from train.engine.loop import output_dir
 
     runs = [
         ln.split()
@@ -137,7 +138,7 @@ def test_several_config_files_merge_in_order(tmp_path):
 
 
 def test_sweep_takes_a_model_config(tmp_path):
-    from train import sweep
+    from train.sweeps import sweep
 
     preset = REPO / "configs" / "models" / "roberta-base.yaml"
     (run,) = sweep.plan(["rte"], [1], tmp_path / "out", model_configs=[preset])

@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import REPO, SMOKE, load_weights, run_train
 
-from train import checkpoint
-from train.tracking import read_metrics
+from train.engine import checkpoint
+from train.tracking.tracker import read_metrics
 
 # ----------------------------------------------------------------------------------------------------------
 # the checkpoint module with a real Accelerator (in this process, a small model)
@@ -53,7 +53,7 @@ def test_partial_checkpoints_are_reported_and_ignored(acc_model, tmp_path, caplo
     (ckpts / ".tmp-step-00000002").mkdir()  # a save killed half-way
     (ckpts / ".tmp-step-00000002" / "model.safetensors").write_bytes(b"\0" * 10)
     (ckpts / "step-00000003").mkdir()  # a folder without the marker (copied by hand, half-synced, ...)
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="train.engine.checkpoint"):
         assert checkpoint.find_resume("auto", tmp_path) == ckpts / "step-00000001"
     text = caplog.text
     assert ".tmp-step-00000002" in text and "partial" in text

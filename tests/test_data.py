@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, need_shared_glue
 
 from train.config import DataConfig
-from train.data import Layout, PlanSampler, epoch_order, read_hub, read_tsv
+from train.data.batches import Layout, PlanSampler, epoch_order
+from train.data.glue import read_hub, read_tsv
 from train.tasks import TASKS
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -158,7 +159,7 @@ def test_hub_and_tsv_sources_agree(task, tmp_path):
 
 def test_hub_source_is_what_training_reads(tmp_path):
     """data.glue_dir unset + data.hub_dataset: the loop reads through read_hub."""
-    from train.data import read_split
+    from train.data.glue import read_split
 
     glue = need_shared_glue()
     hub = make_hub_copy(tmp_path / "glue-hub-small", glue, tasks=("rte",), rows=10)

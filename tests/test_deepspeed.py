@@ -5,7 +5,7 @@ Slow tests launch the real program with ``accelerate launch --config_file config
 and SST-2 sample, 128 rows x 2 epochs = 16 optimizer steps of 16 samples = 4 per device x accumulation 2 x 2
 processes. Runs are launched once per module and shared between assertions (see ``RUNS``).
 
-The fast tests check the config files and the DeepSpeed config filling of ``train/backends/deepspeed.py`` in-process.
+The fast tests check the config files and the DeepSpeed config filling of ``train/engine/backends/deepspeed.py`` in-process.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import torch
 import yaml
 from conftest import REPO, SMOKE, accelerate_cmd, load_weights
 
-from train import backends
-from train.backends import deepspeed as backend
-from train.config import ConfigError, load_config
-from train.tracking import read_metrics
+from train.config import load_config
+from train.engine import backends
+from train.engine.backends import deepspeed as backend
+from train.errors import ConfigError
+from train.tracking.tracker import read_metrics
 
 ACCEL = REPO / "configs" / "accelerate"
 DSDIR = REPO / "configs" / "deepspeed"
@@ -290,8 +291,8 @@ FRESH_EVAL = textwrap.dedent("""
     import numpy as np, torch
     from pathlib import Path
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from train.data import read_tsv, resolve_builtin
-    from train.metrics import compute_metrics
+    from train.data.glue import read_tsv, resolve_builtin
+    from train.data.metrics import compute_metrics
     from train.tasks import TASKS
 
     final = Path(sys.argv[1])

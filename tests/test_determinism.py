@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SMOKE, load_weights, run_train
 
-from train.data import Layout, PlanSampler, epoch_order
+from train.data.batches import Layout, PlanSampler, epoch_order
 
 # ----------------------------------------------------------------------------------------------------------
 # data order

@@ -17,9 +17,10 @@ import pytest
 from conftest import SMOKE, load_weights, run_train
 from test_wandb import read_wandb_file, wandb_env, wandb_files
 
-from train.config import ConfigError, load_config
-from train.data import resolve_builtin
-from train.tracking import read_metrics
+from train.config import load_config
+from train.data.glue import resolve_builtin
+from train.errors import ConfigError
+from train.tracking.tracker import read_metrics
 
 PATIENCE = 3
 HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"

@@ -256,7 +256,7 @@ def test_other_config_folder_untouched(cases: dict[str, Case]) -> None:
 
 
 def test_deepspeed_contradiction_is_tested() -> None:
-    """#13 belongs to the DeepSpeed backend (train/backends/deepspeed.py); its test lives in tests/test_deepspeed.py."""
+    """#13 belongs to the DeepSpeed backend (train/engine/backends/deepspeed.py); its test lives in tests/test_deepspeed.py."""
     path = REPO / "tests" / "test_deepspeed.py"
     if not path.exists():
         pytest.skip("tests/test_deepspeed.py not there yet (owned by the DeepSpeed part)")

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, SMOKE, accelerate_cmd, load_weights, run_train
 from families import FAMILIES, build_decoder, build_remote_code, build_without_head
 
-from train import data
-from train.config import ConfigError, load_config
+from train.config import load_config
+from train.data import batches, glue, tokenized
+from train.errors import ConfigError
 from train.tasks import TASKS
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -46,7 +48,7 @@ def _reloaded_predictions(folder, task: str) -> list[str]:
     t = TASKS[task]
     split = t.split("test")[0]
     glue_dir, _ = TASK_SHAPES[task]
-    rows = data.read_tsv(data.Path(data.resolve_builtin(glue_dir)) / split.tsv, t, split)
+    rows = glue.read_tsv(Path(glue.resolve_builtin(glue_dir)) / split.tsv, t, split)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     enc = tok(
@@ -91,7 +93,7 @@ def test_family_trains_every_task_shape(family, families, tmp_path):
 
 def test_inputs_come_from_tokenizer_and_model(families, tmp_path):
     """Pair templates, pad ids and token types as each tokenizer and model define them."""
-    from train.model import load_model, load_tokenizer, model_inputs
+    from train.model.load import load_model, load_tokenizer, model_inputs
 
     seen = {}
     for family, folder in families.items():
@@ -102,14 +104,14 @@ def test_inputs_come_from_tokenizer_and_model(families, tmp_path):
         inputs = model_inputs(tok, load_model(cfg, TASKS["rte"], tok))
         seen[family] = inputs.fields
         task = TASKS["rte"]
-        ds = data.tokenize_split(cfg.data, task, task.split("train")[0], tok)
-        row = data.Packed(ds).row(0)
+        ds = tokenized.tokenize_split(cfg.data, task, task.split("train")[0], tok)
+        row = batches.Packed(ds).row(0)
         want = tok(_rte_row0(task), _rte_row0(task, 1), truncation=True, max_length=cfg.data.max_length)
         assert row["input_ids"].tolist() == want["input_ids"], family
         if tok.sep_token == "</s>":  # RoBERTa, XLM-R, MPNet: "</s></s>" between the sentences
             ids = row["input_ids"].tolist()
             assert any(a == b == tok.sep_token_id for a, b in zip(ids, ids[1:], strict=False)), family
-        batch = data.make_collator(inputs, False)([data.Packed(ds).row(i) for i in range(4)])
+        batch = batches.make_collator(inputs, False)([batches.Packed(ds).row(i) for i in range(4)])
         assert set(batch) == {*inputs.model_keys, "labels", "weight", "idx"}
         short = int(batch["attention_mask"].sum(1).argmin())
         assert batch["input_ids"][short, -1] == tok.pad_token_id, family
@@ -118,7 +120,7 @@ def test_inputs_come_from_tokenizer_and_model(families, tmp_path):
 
 def _rte_row0(task, column: int = 0) -> str:
     split = task.split("train")[0]
-    rows = data.read_tsv(data.Path(data.resolve_builtin("builtin:glue-sample")) / split.tsv, task, split)
+    rows = glue.read_tsv(Path(glue.resolve_builtin("builtin:glue-sample")) / split.tsv, task, split)
     return rows[task.text_columns[column]][0]
 
 
@@ -218,7 +220,7 @@ def test_family_under_zero2(family, families, reference_runs, tmp_path):
 
 
 def test_attn_implementation_choices(families):
-    from train.model import load_model, load_tokenizer
+    from train.model.load import load_model, load_tokenizer
 
     def load(family: str, impl: str):
         cfg = load_config(
@@ -280,7 +282,7 @@ def test_presets_exist_for_every_family_users_bring():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_merges_after_a_task_and_fails_clearly_offline(preset, monkeypatch):
-    from train.model import load_tokenizer
+    from train.model.load import load_tokenizer
 
     text = preset.read_text()
     assert "source" in text.lower() and "effective" in text.lower(), "presets cite their recipe and batch"

@@ -23,9 +23,10 @@ import pytest
 import torch
 from conftest import REPO, SMOKE, load_weights, run_train
 
-from train import data, fastpath
 from train.config import load_config
-from train.tracking import read_metrics
+from train.data import batches, tokenized
+from train.engine import fastpath
+from train.tracking.tracker import read_metrics
 
 LOSS_TOL = 1e-5
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,13 +64,13 @@ def _rows(lengths: list[int]) -> list[dict]:
 
 
 def test_collator_pads_to_smallest_bucket():
-    collate = data.make_collator(data.Inputs(), False, buckets=(32, 64, 128))
+    collate = batches.make_collator(batches.Inputs(), False, buckets=(32, 64, 128))
     for lengths, want in (([5, 3], 32), ([5, 33], 64), ([64], 64), ([100, 2], 128)):
         b = collate(_rows(lengths))
         assert b["input_ids"].shape == (len(lengths), want)
         assert b["attention_mask"].sum(1).tolist() == lengths  # real tokens only are attended
         assert (b["input_ids"][b["attention_mask"] == 0] == 0).all()
-    assert data.make_collator(data.Inputs(), False)(_rows([5, 33]))["input_ids"].shape == (
+    assert batches.make_collator(batches.Inputs(), False)(_rows([5, 33]))["input_ids"].shape == (
         2,
         33,
     )  # off: longest in batch
@@ -85,7 +86,7 @@ def test_decide_reasons():
     assert on.buckets == (32, 64, 96, 128)
     ddp = fastpath.decide(cfg, cuda, backend_off="", world=2)
     assert ddp.mode == "default" and not ddp.cudagraphs and "CUDA graphs off with 2 processes" in ddp.reason
-    from train.backends.deepspeed import DeepSpeed
+    from train.engine.backends.deepspeed import DeepSpeed
 
     ds = fastpath.decide(cfg, cuda, backend_off=DeepSpeed().fast_path_off, world=1)
     assert not ds.enabled and "DeepSpeed owns backward" in ds.reason
@@ -115,7 +116,7 @@ def test_fused_adamw_same_update():
 # the length-grouped sampler
 
 
-def _plan(sampler: data.PlanSampler) -> list[tuple[int, float]]:
+def _plan(sampler: batches.PlanSampler) -> list[tuple[int, float]]:
     return [pair for micro in sampler for pair in micro]
 
 
@@ -123,13 +124,13 @@ def _plan(sampler: data.PlanSampler) -> list[tuple[int, float]]:
 def test_grouped_sampler_covers_every_row_once_and_is_deterministic(layout):
     n = 1003  # 62 full batches + a short one of 11
     lengths = np.random.default_rng(0).integers(3, 129, n)
-    lay = data.Layout.derive(*layout)
-    ranks = [data.PlanSampler(n, lay, r, seed=7, lengths=lengths) for r in range(lay.world)]
+    lay = batches.Layout.derive(*layout)
+    ranks = [batches.PlanSampler(n, lay, r, seed=7, lengths=lengths) for r in range(lay.world)]
     real = sorted(i for s in ranks for i, w in _plan(s) if w > 0)
     assert real == list(range(n))  # every row exactly once per epoch, over all ranks
-    again = data.PlanSampler(n, lay, 0, seed=7, lengths=lengths)
+    again = batches.PlanSampler(n, lay, 0, seed=7, lengths=lengths)
     assert _plan(again) == _plan(ranks[0])  # deterministic per seed and epoch
-    other_seed = data.PlanSampler(n, lay, 0, seed=8, lengths=lengths)
+    other_seed = batches.PlanSampler(n, lay, 0, seed=8, lengths=lengths)
     assert _plan(other_seed) != _plan(ranks[0])
     again.set_epoch(1)
     assert _plan(again) != _plan(ranks[0])  # reshuffled per epoch
@@ -140,11 +141,11 @@ def test_grouped_sampler_covers_every_row_once_and_is_deterministic(layout):
 def test_grouped_batches_have_similar_lengths():
     n = 4096
     lengths = np.random.default_rng(1).integers(3, 129, n)
-    lay = data.Layout.derive(16, None, 1)
-    grouped = data.PlanSampler(n, lay, 0, seed=3, lengths=lengths)
-    plain = data.PlanSampler(n, lay, 0, seed=3)
+    lay = batches.Layout.derive(16, None, 1)
+    grouped = batches.PlanSampler(n, lay, 0, seed=3, lengths=lengths)
+    plain = batches.PlanSampler(n, lay, 0, seed=3)
 
-    def padding(s: data.PlanSampler) -> float:  # padded tokens / real tokens when padding to the longest
+    def padding(s: batches.PlanSampler) -> float:  # padded tokens / real tokens when padding to the longest
         batches = [lengths[s.global_batch(k)] for k in range(s.steps_per_epoch())]
         return sum(len(b) * b.max() for b in batches) / lengths.sum()
 
@@ -153,14 +154,14 @@ def test_grouped_batches_have_similar_lengths():
 
 
 def test_packed_rows_match_the_dataset():
-    from train.model import load_tokenizer
+    from train.model.load import load_tokenizer
     from train.tasks import get_task
 
     cfg = load_config(SMOKE, [])
     task = get_task("sst2")
-    ds = data.tokenize_split(cfg.data, task, task.split("train")[0], load_tokenizer(cfg))
+    ds = tokenized.tokenize_split(cfg.data, task, task.split("train")[0], load_tokenizer(cfg))
     for sub in (ds, ds.select([5, 3, 400, 7]), ds.shuffle(seed=1).select(range(40))):
-        packed = data.Packed(sub)
+        packed = batches.Packed(sub)
         assert len(packed) == len(sub)
         for i in range(len(sub)):
             row, want = packed.row(i), sub[i]
@@ -175,7 +176,7 @@ def test_packed_rows_match_the_dataset():
 @pytest.fixture(scope="module")
 def tiny():
     """The bundled tiny BERT (fp32, dropout 0, eval mode) and 16 real SST-2 rows."""
-    from train.model import load_model, load_tokenizer
+    from train.model.load import load_model, load_tokenizer
     from train.tasks import get_task
 
     cfg = load_config(SMOKE, ["model.dropout=0"])
@@ -183,8 +184,8 @@ def tiny():
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, task, tok).eval()
-    ds = data.tokenize_split(cfg.data, task, task.split("train")[0], tok)
-    rows = data.Weighted(ds).__getitems__(list(range(16)))
+    ds = tokenized.tokenize_split(cfg.data, task, task.split("train")[0], tok)
+    rows = batches.Weighted(ds).__getitems__(list(range(16)))
     return model, rows
 
 
@@ -219,19 +220,19 @@ def _hidden(model, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def test_bucketing_keeps_the_logits(tiny):
     model, rows = tiny
-    plain = data.make_collator(data.Inputs(), False)(rows)  # padded to the longest row only
+    plain = batches.make_collator(batches.Inputs(), False)(rows)  # padded to the longest row only
     ref, ref_h = _forward(model)(plain), _hidden(model, plain)
     longest = plain["input_ids"].shape[1]
     for buckets in ((64, 128), (longest + 1,), (97,)):
-        batch = data.make_collator(data.Inputs(), False, buckets=buckets)(rows)
+        batch = batches.make_collator(batches.Inputs(), False, buckets=buckets)(rows)
         assert batch["input_ids"].shape[1] > longest
         torch.testing.assert_close(_hidden(model, batch), ref_h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(_forward(model)(batch), ref, rtol=1e-5, atol=1e-6)
     compiled = _fast(model, (64, 128), backend="aot_eager")
-    got = compiled.eval_logits(data.make_collator(data.Inputs(), False, buckets=(64, 128))(rows))
+    got = compiled.eval_logits(batches.make_collator(batches.Inputs(), False, buckets=(64, 128))(rows))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # the check can fail: attending to the padding changes the real tokens' states
-    wrong = data.make_collator(data.Inputs(), False, buckets=(128,))(rows)
+    wrong = batches.make_collator(batches.Inputs(), False, buckets=(128,))(rows)
     wrong_h = model.bert(
         input_ids=wrong["input_ids"],
         token_type_ids=wrong["token_type_ids"],
@@ -246,7 +247,7 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
     lengths = (5, 20, 40)  # three distinct batch lengths, two buckets
 
     def batches(buckets):
-        collate = data.make_collator(data.Inputs(), False, buckets=buckets)
+        collate = batches.make_collator(batches.Inputs(), False, buckets=buckets)
         for n in lengths:
             cut = [
                 {
@@ -274,7 +275,7 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
 def test_eval_pads_the_last_batch_to_a_constant_shape(tiny):
     model, rows = tiny
     fast = _fast(model, (64,))
-    part = data.make_collator(data.Inputs(), False, buckets=(64,))(rows[:5])
+    part = batches.make_collator(batches.Inputs(), False, buckets=(64,))(rows[:5])
     got = fast.eval_logits(part)
     assert got.shape[0] == 5 and fast.shapes["eval"] == {(16, 64)}
     torch.testing.assert_close(got, _forward(model)(part), rtol=1e-5, atol=1e-6)
@@ -358,7 +359,7 @@ def _direct_steps(run) -> None:
 def test_group_by_length_is_wired_into_the_loop(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
-    from train import loop
+    from train.engine import loop
 
     cfg = load_config(
         SMOKE,
@@ -389,7 +390,7 @@ def _losses_in_process(
 ) -> list:
     from accelerate.state import AcceleratorState, GradientState
 
-    from train import loop
+    from train.engine import loop
 
     if cudagraph_grads:  # the CUDA-graph gradient policy (kept, accumulated in place), exercised on CPU
         real = fastpath.decide_for_run
@@ -613,7 +614,7 @@ def test_gpu_cudagraphs_with_accumulation_fp32(tmp_path):
 @gpu
 def test_gpu_no_host_sync_inside_the_step(tmp_path):
     """After warm-up, optimizer steps between two logs never wait for the GPU (sync debug mode = error)."""
-    from train import loop
+    from train.engine import loop
 
     cfg = load_config(
         SMOKE,

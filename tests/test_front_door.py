@@ -375,7 +375,7 @@ def test_wandb_unreachable_goes_offline(tmp_path):
 
 
 def _closed_port() -> int:
-    from train.dist import free_port
+    from train.engine.dist import free_port
 
     return free_port()  # free right now: nothing answers there
 
@@ -386,7 +386,7 @@ def _closed_port() -> int:
 
 def test_four_processes_fill_one_empty_cache(tmp_path):
     cache = tmp_path / "cache"
-    args = ["-m", "train.prepare", "--config", str(SMOKE), f"data.cache_dir={cache}"]
+    args = ["-m", "train", "prepare", "--config", str(SMOKE), f"data.cache_dir={cache}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(

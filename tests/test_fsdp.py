@@ -1,4 +1,4 @@
-"""FSDP through the backend seam (train/backends/fsdp.py): configs/accelerate/fsdp.yaml, DDP's math, exact resume,
+"""FSDP through the backend seam (train/engine/backends/fsdp.py): configs/accelerate/fsdp.yaml, DDP's math, exact resume,
 a plain Hugging Face export.
 
 Accelerate runs FSDP only from a GPU-like distributed type (accelerate/state.py: DistributedType.FSDP is set inside
@@ -54,7 +54,7 @@ def test_fsdp_config_is_fsdp2_with_layer_units():
 
 
 def test_backend_seam_picks_fsdp_from_the_launch(monkeypatch):
-    from train.backends import current
+    from train.engine.backends import current
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     backend = current()
@@ -80,7 +80,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForSequenceClassification
-from train.backends.fsdp import layer_units
+from train.engine.backends.fsdp import layer_units
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 acc = Accelerator(cpu=True)
@@ -103,7 +103,7 @@ for arg in sys.argv[1:]:
 
 def test_fsdp_layer_units_shard_every_family(families):
     """One FSDP unit per layer, the word embeddings on their own, for every family: Accelerate's own FSDP2
-    sharding (one gloo process) with :func:`train.backends.fsdp.layer_units`, then a forward and backward.
+    sharding (one gloo process) with :func:`train.engine.backends.fsdp.layer_units`, then a forward and backward.
     Found on an H200: BERT lists its embeddings block among its layer classes, and with Accelerate's default
     (``_no_split_modules``) the word embeddings were sharded twice."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from train.metrics import compute_metrics
+from train.data.metrics import compute_metrics
 from train.tasks import TASKS
 
 
@@ -54,10 +54,10 @@ def test_mnli_three_classes():
 
 
 def test_every_task_metric_has_one_home():
-    """A task can name only metrics train/metrics.py defines (and the card, report and summary name them from
+    """A task can name only metrics train/data/metrics.py defines (and the card, report and summary name them from
     there); the summary orders the task's metrics first."""
-    from train.metrics import METRICS
-    from train.summary import PRIMARY_ORDER
+    from train.data.metrics import METRICS
+    from train.outputs.summary import PRIMARY_ORDER
 
     used = {m for task in TASKS.values() for m in task.metrics}
     assert used <= set(METRICS), used - set(METRICS)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import SMOKE, load_weights, run_train
 
-from train.config import ConfigError
-from train.nonfinite import NAN_ENV, Guard, NonFiniteError, nan_steps
-from train.tracking import read_metrics
+from train.engine.nonfinite import NAN_ENV, Guard, nan_steps
+from train.errors import ConfigError, NonFiniteError
+from train.tracking.tracker import read_metrics
 
 BASE = ["model.dropout=0", "eval.predict_test=false", "train.max_steps=12", "checkpoint.keep_last=2"]
 
@@ -60,7 +60,7 @@ def test_guard_records_the_first_bad_step_and_raises_at_check() -> None:
 
 
 def test_skips_refused_under_deepspeed() -> None:
-    from train.backends.deepspeed import DeepSpeed
+    from train.engine.backends.deepspeed import DeepSpeed
 
     with pytest.raises(ConfigError, match="train.max_nonfinite_skips=2 is not supported under deepspeed"):
         Guard(_fake_acc(), torch.nn.Linear(2, 2), "bf16", 2, backend=DeepSpeed())

@@ -23,13 +23,15 @@ import pytest
 from conftest import REPO, SMOKE, run_train
 from test_wandb import read_wandb_file, wandb_env, wandb_files
 
-from train import card as cardmod
-from train import curves, panels, report, sweep
 from train.config import load_config
-from train.data import read_split
+from train.data.glue import read_split
+from train.outputs import card as cardmod
+from train.outputs import curves
+from train.sweeps import report, sweep
 from train.tasks import get_task
-from train.tracking import read_metrics
-from train.wandb_sink import resolve_wandb
+from train.tracking import panels
+from train.tracking.tracker import read_metrics
+from train.tracking.wandb_sink import resolve_wandb
 
 FIXTURES = REPO / "tests" / "fixtures"
 SWEEP = "outputs-sweep"
@@ -196,7 +198,7 @@ def test_mrpc_card_and_curves(mrpc_run):
 
 
 def test_model_card_is_rewritten_identically_after_the_fact(mnli_run, tmp_path):
-    """``python -m train.card RUN_DIR`` rebuilds the cards from the folder's files: the same bytes."""
+    """``glue-train card RUN_DIR`` rebuilds the cards from the folder's files: the same bytes."""
     copy = tmp_path / "run"
     shutil.copytree(mnli_run["out"], copy, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
     before = {w: (copy / w / "README.md").read_bytes() for w in cardmod.WHICH}
@@ -254,7 +256,7 @@ def colour_pixels(rgb: np.ndarray, box: tuple[slice, slice], colour: tuple[int, 
 def test_curves_png_has_one_panel_per_documented_key(mnli_run, mrpc_run):
     for out, task, n in ((mnli_run["out"], "mnli", 4), (mrpc_run, "mrpc", 6)):
         keys = curves.panel_keys(get_task(task))
-        assert len(keys) == n, keys  # the count docs and train/curves.py promise
+        assert len(keys) == n, keys  # the count docs and train/outputs/curves.py promise
         rgb, boxes = frames(out / "curves.png")
         assert len(boxes) == n, f"{out}: {len(boxes)} panels, expected {n} ({keys})"
         for key, box in zip(keys, boxes, strict=True):
@@ -281,7 +283,7 @@ def test_without_matplotlib_one_line_says_how_to_get_it(mrpc_run, tmp_path, monk
     shutil.copytree(mrpc_run, copy)
     (copy / "curves.png").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec() -> None
-    with caplog.at_level("INFO", logger="train.curves"):
+    with caplog.at_level("INFO", logger="train.outputs.curves"):
         assert curves.plot_run(copy) is None
     assert [r.getMessage() for r in caplog.records] == [
         "curves.png not drawn: matplotlib is not installed (pip install 'glue-train[report]')"
@@ -405,7 +407,7 @@ def test_sweep_runs_get_group_and_job_type_unless_set(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# python -m train.push
+# glue-train push
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
@@ -461,7 +463,7 @@ def push(run_dir: Path, tmp: Path, hub: FakeHub | None = None, token: str | None
         env.update({"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
     if token:
         env["HF_TOKEN"] = token
-    cmd = [sys.executable, "-m", "train.push", str(run_dir), "--repo-id", "me/model", *extra]
+    cmd = [sys.executable, "-m", "train", "push", str(run_dir), "--repo-id", "me/model", *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 

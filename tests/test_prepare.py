@@ -1,4 +1,4 @@
-"""`python -m train.prepare`: fills the caches so that an offline run (HF_HUB_OFFLINE=1) never re-tokenizes."""
+"""`glue-train prepare`: fills the caches so that an offline run (HF_HUB_OFFLINE=1) never re-tokenizes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_prepare_then_offline_run_hits_every_cache(tmp_path):
     cache = tmp_path / "tokcache"
     env = {"GLUE_TRAIN_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "train.prepare", "--config", str(SMOKE)],
+        [sys.executable, "-m", "train", "prepare", "--config", str(SMOKE)],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,
@@ -40,7 +40,7 @@ def test_prepare_then_offline_run_hits_every_cache(tmp_path):
 
 def test_prepare_reports_bad_config(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "train.prepare", "--config", str(SMOKE), "data.task=nope"],
+        [sys.executable, "-m", "train", "prepare", "--config", str(SMOKE), "data.task=nope"],
         cwd=REPO,
         capture_output=True,
         text=True,

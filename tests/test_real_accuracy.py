@@ -54,10 +54,10 @@ def test_minilm_sst2_reaches_078(tmp_path):
 
 def test_lr_search_over_seeds_selects_1e4(tmp_path, monkeypatch):
     """A real search: all-MiniLM-L6-v2, the first 800 SST-2 rows, 1 epoch (50 steps), train.lr 2e-5 vs 1e-4, seeds
-    1 and 2, scored on the first 400 dev rows, through train.sweep and train.report. 50 steps are far too few for
+    1 and 2, scored on the first 400 dev rows, through glue-train sweep and train.sweeps.report. 50 steps are far too few for
     2e-5 (measured 0.52: chance) and enough for 1e-4 (0.75 and 0.77): the selection must be lr 1e-4 (a float in
     selection.json, as in the config), its median well above the other set's."""
-    from train import report, sweep
+    from train.sweeps import report, sweep
 
     glue = need_shared_glue()
     monkeypatch.setenv("OMP_NUM_THREADS", ALL_CORES["OMP_NUM_THREADS"])  # the sweep's runs, one at a time

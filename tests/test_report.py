@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import report, runs, submission
-from train.reference import BERT_BASE_DEV
+from train.folders import runs
+from train.outputs import submission
+from train.sweeps import report
+from train.sweeps.reference import BERT_BASE_DEV
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -437,7 +439,7 @@ def test_results_md_lists_the_whole_grid_and_the_selected_glue(grid_dir: Path):
 
 
 def test_set_keys_without_a_sweep_manifest(grid_dir: Path):
-    (grid_dir / runs.MANIFEST).unlink()  # folders not made by train.sweep: the differing config keys
+    (grid_dir / runs.MANIFEST).unlink()  # folders not made by train.sweeps.sweep: the differing config keys
     picked = report.build_report(grid_dir, with_submission=False).selection
     assert picked["rte"]["overrides"] == {"train.lr": 2e-5} and picked["rte"]["tag"] == "lr2e-5"
 

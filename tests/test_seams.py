@@ -1,5 +1,5 @@
-"""The seams of train/ (issue 15): no import cycle, the backend named only in train/backends/, one way to write a
-file, ``--help`` without torch."""
+"""The seams of train/: layered subpackages whose imports point one way, no import cycle, the backend named only in
+train/engine/backends/, one way to write a file, ``--help`` without torch."""
 
 from __future__ import annotations
 
@@ -59,9 +59,49 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_in_train():
     graph = import_graph()
-    assert len(graph) > 20 and "train.backends.deepspeed" in graph
+    assert len(graph) > 20 and "train.engine.backends.deepspeed" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
+
+
+# The layers of train/, lowest first: a module may import its own layer and those below it, never one above
+# (docs/CONTRACT.md says why each package sits where it does). The base is the top-level modules every layer
+# uses; the entry points (the CLI) sit above everything.
+BASE = {"train", "train.config", "train.errors", "train.files", "train.tasks"}
+LAYERS = ["folders", "data", "model", "tracking", "engine", "outputs", "sweeps"]
+ENTRY = {"train.cli", "train.__main__"}
+TOP_LEVEL_MAX = 8
+
+
+def layer(module: str) -> int:
+    if module in BASE:
+        return 0
+    if module in ENTRY:
+        return len(LAYERS) + 1
+    package = module.split(".")[1]
+    assert package in LAYERS, f"{module}: in no layer (add its package to LAYERS and docs/CONTRACT.md)"
+    return LAYERS.index(package) + 1
+
+
+def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer(b) > layer(a))
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    assert all(layer(m) >= 0 for m in graph)  # every module is in a layer
+    assert wrong_way_imports(graph) == []
+    # the check can fail: the engine reaching up into the outputs is the kind of import it exists to catch
+    assert wrong_way_imports({"train.engine.loop": {"train.outputs.card"}, "train.outputs.card": set()}) == [
+        "train.engine.loop -> train.outputs.card"
+    ]
+
+
+def test_at_most_eight_modules_at_the_top():
+    top = sorted(p.name for p in TRAIN.glob("*.py"))
+    assert len(top) <= TOP_LEVEL_MAX, top
+    packages = sorted(p.name for p in TRAIN.iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(LAYERS), packages
 
 
 BACKEND_NAMES = re.compile(

@@ -10,7 +10,7 @@ from conftest import SMOKE, run_train
 from test_outputs import assert_card_and_curves_match
 
 from train.config import load_config
-from train.tracking import read_metrics
+from train.tracking.tracker import read_metrics
 
 SAMPLE_TEST_ROWS = {"sst2": 40, "rte": 24, "mrpc": 24}
 
@@ -81,8 +81,8 @@ def test_exported_model_loads_and_reproduces_dev_metrics(smoke_run):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from train.data import read_tsv, resolve_builtin
-    from train.metrics import compute_metrics
+    from train.data.glue import read_tsv, resolve_builtin
+    from train.data.metrics import compute_metrics
     from train.tasks import TASKS
 
     out, _ = smoke_run

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import report, search, sweep
+from train.sweeps import report, sweep
+from train.sweeps import spaces as search
 
 TINY_TASK = """\
 model:

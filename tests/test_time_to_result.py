@@ -22,10 +22,10 @@ import pytest
 import torch
 from conftest import REPO, SHARED_GLUE, SMOKE, run_train
 
-from train import compile_cache, fastpath
-from train.compile_cache import CacheState, CompileCache
 from train.config import load_config
-from train.tracking import read_metrics
+from train.engine import compile_cache, fastpath
+from train.engine.compile_cache import CacheState, CompileCache
+from train.tracking.tracker import read_metrics
 
 CUDA = torch.device("cuda")  # a device object only: nothing runs on it
 

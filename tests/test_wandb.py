@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 from conftest import REPO, SMOKE, run_train
 
-from train.config import ConfigError, load_config
-from train.throughput import PEAK_TFLOPS, peak_flops
-from train.tracking import Tracker, read_metrics
-from train.wandb_sink import resolve_wandb
+from train.config import load_config
+from train.errors import ConfigError
+from train.tracking.throughput import PEAK_TFLOPS, peak_flops
+from train.tracking.tracker import Tracker, read_metrics
+from train.tracking.wandb_sink import resolve_wandb
 
 # ----------------------------------------------------------------------------------------------------------
 # reading run-<id>.wandb

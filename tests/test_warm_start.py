@@ -1,4 +1,4 @@
-"""model.init_from (train/warm_start.py): RTE and STS-B start from an MNLI run's best model (real runs, tiny BERT).
+"""model.init_from (train/model/warm_start.py): RTE and STS-B start from an MNLI run's best model (real runs, tiny BERT).
 
 An MNLI run on the MNLI fixture, then the weights RTE and STS-B get from it (exactly the MNLI best model's encoder;
 a new head, or RTE's mapped from MNLI's), the resolution of SWEEP_DIR@task, what the run records, and the errors.
@@ -16,8 +16,9 @@ import torch
 import yaml
 from conftest import REPO, SMOKE, run_train
 
-from train import warm_start
-from train.config import ConfigError, load_config
+from train.config import load_config
+from train.errors import ConfigError
+from train.model import warm_start
 from train.tasks import TASKS
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -44,7 +45,7 @@ def _initial_model(cfg):
     """The weights a run starts from: what setup() loads, after the same seeding."""
     from accelerate.utils import set_seed
 
-    from train.model import load_model, load_tokenizer
+    from train.model.load import load_model, load_tokenizer
 
     set_seed(cfg.seed)
     tok = load_tokenizer(cfg)

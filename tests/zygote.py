@@ -91,8 +91,8 @@ def _warm_imports() -> None:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
 
     import train.cli
-    import train.loop  # noqa: F401
-    import train.metrics  # noqa: F401
+    import train.data.metrics  # noqa: F401
+    import train.engine.loop  # noqa: F401
 
     for name in FAMILY_MODULES:
         importlib.import_module(f"transformers.models.{name}.modeling_{name}")

@@ -1,23 +1,21 @@
-"""``python -m train --config FILE [--config FILE ...] key.sub=value ...``
+"""``glue-train COMMAND ...``: the one command line (``python -m train ...`` is the same program).
 
-The one error boundary of the program: a :class:`~train.errors.UserError` (bad config, data, model folder,
-checkpoint, W&B settings, a non-finite loss) and file-system errors become one ``error: ...`` paragraph with exit
-code 2 (3 for a non-finite loss); Ctrl-C exits 130 (after a checkpoint, when training had started). Anything else
-is a bug and keeps its traceback. Imports stay light here: ``--help`` does not import torch.
+Commands: ``train`` (the default: ``python -m train ARGS`` = ``glue-train train ARGS``), ``sweep``, ``report``,
+``card``, ``push``, ``prepare``, ``summary``, ``submission``, ``slurm-info``. Each runs through the one error
+boundary (:func:`train.errors.guarded`): a :class:`~train.errors.UserError` becomes one ``error: ...`` paragraph
+and exit code 2 (3 for a non-finite loss); Ctrl-C exits 130; anything else is a bug and keeps its traceback.
+Imports stay light here: ``--help`` of every command does not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
 
 from train.config import describe, load_config
-from train.errors import EnvironmentProblem, UserError
-
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+from train.errors import guarded, rank
 
 
 def _help_epilog() -> str:
@@ -26,36 +24,6 @@ def _help_epilog() -> str:
     lines = ["config keys (set in the YAML file or as key.sub=value; later wins):"]
     lines += [f"  {k:<{width}}  {doc} [default: {default!r}]" for k, doc, default in rows]
     return "\n".join(lines)
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def report_error(e: BaseException) -> None:
-    """One write per message (several ranks share stderr); an error every rank has is printed by rank 0 only."""
-    everywhere = getattr(e, "everywhere", False)
-    if everywhere and rank() != 0:
-        return
-    tag = "" if everywhere or rank() == 0 else f"[rank {rank()}] "
-    sys.stderr.write(f"error: {tag}{e}\n")
-    sys.stderr.flush()
-
-
-def say(text: str) -> None:
-    if rank() == 0:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-
-def describe_os_error(e: OSError) -> str:
-    """A file-system error in words: which file, what happened, what to do."""
-    where = e.filename or "a file"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{where}: the disk is full ({e.strerror}); free space or move output_dir to a larger disk, then rerun"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{where}: {e.strerror}; check the permissions (or choose another output_dir / data.cache_dir)"
-    return f"{where}: {e.strerror or e}; check the path"
 
 
 def keys_markdown() -> str:
@@ -67,8 +35,9 @@ def keys_markdown() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Fine-tune a Hugging Face encoder on a GLUE task (effective batch 16 on any world size).",
+        prog="glue-train train",
+        description="Fine-tune a Hugging Face encoder on a GLUE task (effective batch 16 on any world size).\n\n"
+        + commands_help(),
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,7 +75,7 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train.backends import launched
+    from train.engine.backends import launched
 
     deepspeed_level = logging.WARNING if launched() == "deepspeed" and rank() == 0 else logging.ERROR
     logging.getLogger("DeepSpeed").addFilter(_Quiet(deepspeed_level))
@@ -124,13 +93,38 @@ def quiet_transformers() -> None:
         tlog.set_verbosity_error()
 
 
-def main(argv: list[str] | None = None) -> int:
+# name -> (module with ``main(argv) -> int``, what it does); ``train`` is this module's own :func:`train_main`
+COMMANDS = {
+    "train": ("train.cli", "fine-tune one model on one GLUE task (the default command)"),
+    "sweep": ("train.sweeps.sweep", "tasks x seeds x override sets, locally or as SLURM job arrays"),
+    "report": ("train.sweeps.report", "results.md/.csv/.png and the GLUE submission zip of a sweep folder"),
+    "card": ("train.outputs.card", "(re)write the model cards of a run folder"),
+    "push": ("train.outputs.push", "upload a run's best/ or final/ model to the Hugging Face Hub"),
+    "prepare": ("train.model.prepare", "fill the model, dataset and tokenized caches for an offline run"),
+    "summary": ("train.outputs.summary", "print the end-of-run summary of a finished run folder"),
+    "submission": ("train.outputs.submission", "check a GLUE submission zip or folder of prediction files"),
+    "slurm-info": (
+        "train.engine.slurm_info",
+        "record this SLURM job start in the run folder (sbatch scripts)",
+    ),
+}
+
+
+def commands_help() -> str:
+    width = max(map(len, COMMANDS))
+    rows = [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
+    return "commands (glue-train COMMAND --help for each):\n" + "\n".join(rows)
+
+
+def train_main(argv: list[str]) -> int:
+    """``glue-train train``: one fine-tuning run."""
     args = parse_args(argv)
     if args.keys_markdown:
         print(keys_markdown())
         return 0
     setup_logging()
-    try:
+
+    def command() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             from train.config import dump
@@ -138,19 +132,24 @@ def main(argv: list[str] | None = None) -> int:
             print(dump(cfg), end="")
             return 0
         quiet_transformers()
-        from train.loop import run
+        from train.engine.loop import run
 
-        return run(cfg, sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        report_error(e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        say(
-            "interrupted (Ctrl-C) before training started or during a save; rerun the same command to start or resume"
-        )
-        return INTERRUPTED
-    except OSError as e:  # a file or folder the environment refused (permissions, disk, a path that vanished)
-        if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise  # no file involved: not a path or disk problem the user can fix
-        report_error(EnvironmentProblem(describe_os_error(e)))
-        return 2
+        return run(cfg, argv)
+
+    return guarded(
+        command,
+        interrupted="interrupted (Ctrl-C) before training started or during a save; rerun the same command to "
+        "start or resume",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``glue-train [COMMAND] ARGS``; without a known command, ARGS go to ``train``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if name == "train":
+        return train_main(argv)
+    import importlib
+
+    module = importlib.import_module(COMMANDS[name][0])
+    return guarded(lambda: module.main(argv))

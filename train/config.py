@@ -18,12 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from train.errors import UserError
+from train.errors import ConfigError
 from train.tasks import TASKS
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem the user must fix; the message names the key and its source."""
 
 
 def f(default: Any, doc: str) -> Any:
@@ -58,9 +54,9 @@ class ModelConfig:
     init_from: str | None = f(
         None,
         "start from other weights than model.name_or_path's: a run folder (its best/ model), a model folder, or "
-        "SWEEP_DIR@task (the best seed of that task's selected override set in a sweep folder, as train.report "
+        "SWEEP_DIR@task (the best seed of that task's selected override set in a sweep folder, as train.sweeps.report "
         "selects it); the tokenizer saved with those weights is used and model.name_or_path only names the run "
-        "(train/warm_start.py); recorded in run_info.json",
+        "(train/model/warm_start.py); recorded in run_info.json",
     )
     init_head: Literal["auto", "new", "map"] = f(
         "auto",
@@ -171,7 +167,7 @@ class WandbConfig:
     )
     name: str | None = f(None, "run name; unset = <task>-<model>-s<seed>")
     group: str | None = f(
-        None, "run group; unset = tracking.wandb.sweep_name (train.sweep sets it), else none"
+        None, "run group; unset = tracking.wandb.sweep_name (glue-train sweep sets it), else none"
     )
     job_type: str | None = f(
         None,
@@ -179,7 +175,7 @@ class WandbConfig:
     )
     sweep_name: str | None = f(
         None,
-        "the train.sweep sweep this run belongs to (train.sweep sets it to its --out folder's name); "
+        "the glue-train sweep sweep this run belongs to (glue-train sweep sets it to its --out folder's name); "
         "the default of group, and it makes job_type default to the task",
     )
     tags: list[str] = f([], "run tags (comma-separated on the command line)")
@@ -197,7 +193,7 @@ class TrackingConfig:
 class FastConfig:
     enabled: bool | Literal["auto"] = f(
         "auto",
-        "fast path (torch.compile + CUDA graphs, bucketed padding, fused AdamW; train/fastpath.py): auto = on for "
+        "fast path (torch.compile + CUDA graphs, bucketed padding, fused AdamW; train/engine/fastpath.py): auto = on for "
         "CUDA without DeepSpeed when compiling pays off for the run's steps (cold/warm compile cache); true forces "
         "it (CPU too: compile only); the reason is logged when it is off",
     )

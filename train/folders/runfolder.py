@@ -1,0 +1,241 @@
+"""The run folder: whose it is, what a start does there, and moving an old run aside instead of deleting it.
+
+One rule per restart (the README's "Restarting a run"):
+
+- an empty or new folder: a fresh run;
+- a folder that holds a run of this program (its files: ``config.yaml`` and the rest, or the ``.glue-train``
+  marker it writes when it creates a folder) with the same config:
+  - finished (``eval_results.json``): nothing is trained, the existing results are printed;
+  - unfinished: resumed from its newest usable checkpoint;
+- the same with another config: refused, naming the keys that differ (``overwrite=true`` to start over);
+- ``overwrite=true`` or ``checkpoint.resume=never``: a fresh run, and the old one is moved aside into
+  ``previous-<time>/`` inside the folder (named in the log), never deleted and never resumed;
+- any other non-empty folder (not made by this program): refused, listing what is there. Nothing the program did
+  not write is ever deleted or replaced.
+
+The folder is only inspected (read) until the start has loaded the model and the data; :func:`claim` then writes
+the marker and ``config.yaml``. So a start that fails early leaves nothing that blocks the corrected rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.config import Config, dump, load_config, to_dict
+from train.errors import ConfigError
+from train.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+MARKER = ".glue-train"
+# Everything this program writes at the top of a run folder (and the temporary names its atomic writes use).
+OWN_FILES = {
+    MARKER,
+    "config.yaml",
+    "run_info.json",
+    "metrics.jsonl",
+    "eval_results.json",
+    "wandb_run_id.txt",
+    "slurm_info.json",
+    "curves.png",
+}
+OWN_FOLDERS = {
+    "best",
+    "final",
+    "predictions",
+    "checkpoints",
+    "wandb",
+    "best.tmp",
+    "final.tmp",
+    "best.old",
+    "final.old",
+}
+PREVIOUS = "previous-"
+# Keys that change how a run is operated, not what it trains: a restart may change them freely.
+OPERATIONAL = (
+    "output_dir",
+    "overwrite",
+    "checkpoint",
+    "tracking",
+    "fast",
+    "data.num_workers",
+    "data.cache_dir",
+    "train.log_every",
+    "eval.batch_size",
+    "eval.predict_test",
+)
+
+
+def _is_own(name: str) -> bool:
+    return (
+        name in OWN_FILES
+        or name in OWN_FOLDERS
+        or name.startswith(PREVIOUS)
+        or (name.startswith(".") and ".tmp" in name)  # an atomic write that was interrupted
+    )
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _operational(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in OPERATIONAL)
+
+
+def config_diff(old: dict, new: dict, precision: tuple[str, str] | None = None) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (operational keys ignored).
+
+    ``precision`` = (old, new) resolved for this machine (``auto`` means bf16 on one GPU, no on a CPU)."""
+    a, b = _leaves(old), _leaves(new)
+    if precision is not None:
+        a["precision"], b["precision"] = precision
+    keys = sorted(k for k in a.keys() | b.keys() if not _operational(k))
+    return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def read_config(path: Path) -> Config:
+    """A run folder's (or checkpoint's) saved config, with today's defaults for keys it predates."""
+    from train.config import read_yaml
+
+    try:
+        if not isinstance(read_yaml(path), dict):
+            raise ConfigError("it holds no settings")
+        return load_config(path)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{path} is empty or damaged, or was written by another version ({e}), so it cannot be compared with "
+            "this run's config. Restore it, use another output_dir, or set overwrite=true to move that run aside "
+            "and start over"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a start does in its run folder."""
+
+    out: Path
+    action: str  # fresh | resume | finished | restart (fresh, with the old run moved aside)
+    reason: str
+
+    @property
+    def trains(self) -> bool:
+        return self.action != "finished"
+
+
+def _describe(folder: Path, limit: int = 12) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def is_own_folder(out: Path) -> bool:
+    """Made by this program: it holds the marker, or (runs from before the marker) config.yaml and only
+    names this program writes. A folder with, say, only a ``final/`` of the user's own is not."""
+    if (out / MARKER).exists():
+        return True
+    return (out / "config.yaml").is_file() and all(_is_own(p.name) for p in out.iterdir())
+
+
+def mark(out: Path) -> None:
+    """Create ``out`` (if needed) as a run folder of this program."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).exists():
+        write_atomic(out / MARKER, json.dumps({"program": "glue-train", "created": time.time()}) + "\n")
+
+
+def _finished(out: Path) -> bool:
+    try:
+        return "final" in json.loads((out / "eval_results.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def inspect(cfg: Config, resolve_precision) -> Start:
+    """Decide what this start does in ``cfg``'s run folder; read-only. ``resolve_precision('auto')`` -> 'no'."""
+    from train.config import run_folder
+
+    out = run_folder(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    if not out.exists() or not any(out.iterdir()):
+        return Start(out, "fresh", "a new run folder")
+    if not is_own_folder(out):
+        raise ConfigError(
+            f"output_dir {out} is not empty and was not made by this program (it holds {_describe(out)}); "
+            "nothing there is touched. Use a new or empty folder, e.g. output_dir=runs/{task}-{model}-s{seed}"
+        )
+    if not (out / "config.yaml").exists():
+        return Start(out, "fresh", "no run in the folder yet")
+    fresh_start = cfg.overwrite or cfg.checkpoint.resume == "never"
+    old = None if fresh_start and _damaged(out) else read_config(out / "config.yaml")
+    if fresh_start:
+        why = "overwrite=true" if cfg.overwrite else "checkpoint.resume=never"
+        return Start(out, "restart", f"{why}: the run there is moved aside")
+    assert old is not None
+    precision = (resolve_precision(old.precision), resolve_precision(cfg.precision))
+    diff = config_diff(to_dict(old), to_dict(cfg), precision)
+    if diff:
+        raise ConfigError(
+            f"output_dir {out} holds a run with a different config (differs in: {', '.join(diff)}). Use another "
+            "output_dir, or set overwrite=true to move that run aside (into previous-<time>/) and start over"
+        )
+    if _finished(out):
+        return Start(out, "finished", "the run there finished with this config")
+    return Start(out, "resume", "the run there is unfinished")
+
+
+def _damaged(out: Path) -> bool:
+    try:
+        read_config(out / "config.yaml")
+        return False
+    except ConfigError:
+        return True
+
+
+def move_aside(out: Path) -> Path | None:
+    """Move the previous run's files (only this program's) into ``previous-<time>/``; returns that folder."""
+    entries = [p for p in out.iterdir() if _is_own(p.name) and not p.name.startswith(PREVIOUS)]
+    entries = [p for p in entries if p.name not in (MARKER, "slurm_info.json")]  # the folder's own, kept
+    if not entries:
+        return None
+    dest = out / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir()
+    for p in entries:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+def claim(start: Start, cfg: Config) -> None:
+    """Main process, once the run is set up: create the folder, mark it, move an old run aside, save the config."""
+    out = start.out
+    try:
+        mark(out)
+        if start.action == "restart":
+            moved = move_aside(out)
+            if moved is not None:
+                log.warning(
+                    "%s: the previous run in %s was moved to %s", start.reason.split(":")[0], out, moved
+                )
+        write_atomic(out / "config.yaml", dump(cfg))
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir {out}: cannot write there ({e.strerror or e}); check that the folder is writable and the "
+            "disk has room, or choose another output_dir"
+        ) from None
