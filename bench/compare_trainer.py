@@ -38,54 +38,30 @@ import gc
 import json
 import logging
 import math
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import end_to_end  # bench/end_to_end.py (this script's folder is on sys.path)
 import numpy as np
+import torch
+from common import (  # bench/common.py (importing it puts the repository on sys.path, for train.*)
+    PATHS,
+    PRESETS,
+    TINY,
+    device_name,
+    make_model_dir,
+    task_of_folder,
+    trainer_dataset,
+    versions,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-from train.tracking.throughput import peak_flops  # noqa: E402
+from train.tracking.throughput import peak_flops
 
 log = logging.getLogger("bench")
-TINY = REPO / "train" / "assets" / "tiny-bert"
-PRESETS = {  # random-init shapes; the tokenizer is the bundled one (ids < 2000 fit every vocabulary here)
-    "bert-base": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "vocab_size": 30522,
-    },
-    "bert-small": {
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "intermediate_size": 1024,
-        "vocab_size": 30522,
-    },
-    "tiny": {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 2000,
-    },
-}
-PATHS = ("trainer", "loop_eager", "loop_fast")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,20 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # model and data (built once, used by every path)
 
 
-def make_model_dir(spec: str, root: Path, num_labels: int, seed: int) -> Path:
-    if spec not in PRESETS:
-        return Path(spec)
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(**PRESETS[spec], num_labels=num_labels, max_position_embeddings=512)
-    torch.manual_seed(seed)
-    out = root / f"model-{spec}"
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        shutil.copy(TINY / name, out / name)
-    return out
-
-
 def whole_words() -> list[str]:
     words = [w.strip() for w in (TINY / "vocab.txt").read_text().splitlines()]
     return [w for w in words if w.isalpha() and w.islower() and len(w) > 1]
@@ -195,18 +157,6 @@ def write_synthetic(kind: str, root: Path, rows: int, max_length: int, seed: int
     return root / "glue"
 
 
-def task_of_folder(folder: Path) -> str:
-    from train.tasks import TASKS
-
-    for name, task in TASKS.items():
-        if task.dir == folder.name:
-            return name
-    raise SystemExit(
-        f"--lengths {folder}: not a GLUE task folder (expected one of "
-        f"{', '.join(t.dir for t in TASKS.values())})"
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # measurement helpers
 
@@ -216,45 +166,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # the CPU model, e.g. "AMD EPYC ... (2 cores)"
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        model = platform.processor() or "cpu"
-    return f"{model} ({os.cpu_count()} cores)"
-
-
 def flops_per_sample(model: torch.nn.Module, lengths: np.ndarray) -> float:
     """The same model-FLOPs formula as the training metrics (train/tracking/throughput.py): 6 x matmul params x tokens."""
     from train.tracking.throughput import count_matmul_params
 
     return 6.0 * count_matmul_params(model) * float(lengths.mean())
-
-
-def versions() -> dict:
-    import accelerate
-    import transformers
-
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git": sha,
-    }
 
 
 def reset_accelerate() -> None:
@@ -274,30 +190,6 @@ def free() -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # the paths
-
-
-def trainer_dataset(train_ds, tokenizer, model, padding: str, max_length: int):
-    """The tokenized rows as the Trainer takes them: the model's own input fields (train/model/load.py's
-    ``model_inputs``, never assumed BERT names), ``labels``; and the collator for ``padding``."""
-    from transformers import DataCollatorWithPadding, default_data_collator
-
-    from train.model.load import model_inputs
-
-    inputs = model_inputs(tokenizer, model)
-    keep = {*inputs.fields, "label"}
-    ds = train_ds.remove_columns([c for c in train_ds.column_names if c not in keep])
-    ds = ds.rename_column("label", "labels")
-    if padding != "max_length":
-        return ds, DataCollatorWithPadding(tokenizer)  # pads every field the tokenizer knows, and the mask
-
-    def pad_row(r: dict) -> dict:
-        n = len(r["input_ids"])
-        out = {name: r[name] + [inputs.pad[name]] * (max_length - n) for name in inputs.fields}
-        if inputs.mask:
-            out["attention_mask"] = [1] * n + [0] * (max_length - n)
-        return out
-
-    return ds.map(pad_row), default_data_collator
 
 
 def run_trainer(a: argparse.Namespace, model_dir: Path, train_ds, root: Path, precision: str) -> dict:
@@ -448,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     stdout, sys.stdout = sys.stdout, sys.stderr  # only the JSON lines go to stdout (the Trainer prints too)
     try:
         if a.child_trainer or a.end_to_end:
-            import end_to_end  # bench/end_to_end.py (this script's folder is on sys.path)
-
             return end_to_end.child_trainer(a) if a.child_trainer else end_to_end.run(a, stdout)
         return measure(a, stdout)
     finally:

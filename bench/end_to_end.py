@@ -40,10 +40,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import compare_trainer as ct  # bench/compare_trainer.py: presets, device names, versions, the Trainer's rows
 import torch
-
-REPO = ct.REPO
+from common import (  # bench/common.py: presets, device names, versions, the Trainer's rows
+    PATHS,
+    REPO,
+    device_name,
+    make_model_dir,
+    task_of_folder,
+    trainer_dataset,
+    versions,
+)
 
 
 def data_overrides(
@@ -110,8 +116,8 @@ def paths_of(a: argparse.Namespace) -> tuple[list[str], set[str]]:
     paths = [p for p in a.paths.split(",") if p]
     warm_paths = {p for p in a.warm_paths.split(",") if p}
     for p in (*paths, *warm_paths):
-        if p not in ct.PATHS:
-            raise SystemExit(f"--paths/--warm-paths: unknown path {p!r} (choose from {', '.join(ct.PATHS)})")
+        if p not in PATHS:
+            raise SystemExit(f"--paths/--warm-paths: unknown path {p!r} (choose from {', '.join(PATHS)})")
     return paths, warm_paths
 
 
@@ -126,9 +132,9 @@ def setup(a: argparse.Namespace, root: Path) -> tuple[dict, dict]:
     if not a.task_dir:
         raise SystemExit("--end-to-end needs --task-dir (a GLUE task folder, e.g. ../shared/glue/RTE)")
     folder = Path(a.task_dir).resolve()
-    task_name = ct.task_of_folder(folder)
+    task_name = task_of_folder(folder)
     task = get_task(task_name)
-    model_dir = ct.make_model_dir(a.model, root, task.num_labels or 1, a.seed)
+    model_dir = make_model_dir(a.model, root, task.num_labels or 1, a.seed)
     base = data_overrides(a, task_name, folder.parent, model_dir, root)
     cfg = load_config(None, base)
     tokenizer = load_tokenizer(cfg)
@@ -149,14 +155,14 @@ def setup(a: argparse.Namespace, root: Path) -> tuple[dict, dict]:
         "task": task_name,
         "task_dir": str(folder),
         "model": a.model,
-        "device": ct.device_name(torch.device("cuda" if cuda else "cpu")),
+        "device": device_name(torch.device("cuda" if cuda else "cpu")),
         "precision": precision,
         "batch": a.batch,
         "max_length": a.max_length,
         "epochs": a.epochs,
         "max_steps": a.max_steps,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-        "versions": ct.versions(),
+        "versions": versions(),
     }
     return ctx, common
 
@@ -317,8 +323,8 @@ def child_trainer(a: argparse.Namespace) -> int:
     dev_split = task.split("dev")[0]
     dev_ds = tokenized.tokenize_split(cfg.data, task, dev_split, tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"])
-    train_rows, collator = ct.trainer_dataset(train_ds, tokenizer, model, spec["padding"], spec["max_length"])
-    dev_rows, _ = ct.trainer_dataset(dev_ds, tokenizer, model, spec["padding"], spec["max_length"])
+    train_rows, collator = trainer_dataset(train_ds, tokenizer, model, spec["padding"], spec["max_length"])
+    dev_rows, _ = trainer_dataset(dev_ds, tokenizer, model, spec["padding"], spec["max_length"])
     args = TrainingArguments(
         output_dir=spec["out"],
         per_device_train_batch_size=spec["batch"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,103 @@ def test_sweep_takes_a_model_config(tmp_path):
     assert cmd[3:7] == ["--config", str(REPO / "configs/tasks/rte.yaml"), "--config", str(preset)]
     assert f"config={REPO / 'configs/tasks/rte.yaml'} config={preset} output_dir=" in sweep.slurm_line(run)
     assert sweep.check_plan([run]) == []
+
+
+# ---- declared rules: each key's bounds and choices sit with the key, one generic check applies them ------
+
+
+def test_a_declared_bound_names_file_key_value_and_range(tmp_path):
+    p = write(tmp_path, "train:\n  warmup_ratio: 1.5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.warmup_ratio must be in \[0, 1\), got 1\.5$"):
+        load_config(p)
+    with pytest.raises(
+        ConfigError, match=r"^command line: data\.max_train_samples must be at least 1 \(or null\), got 0$"
+    ):
+        load_config(p, ["train.warmup_ratio=0.1", "data.max_train_samples=0"])
+    with pytest.raises(ConfigError, match=r"fast\.buckets must be a non-empty list, each at least 1"):
+        load_config(None, ["fast.buckets=64,0"])
+    # the final value is the one checked: a later file or the command line may correct an earlier one
+    assert load_config(p, ["train.warmup_ratio=0.1"]).train.warmup_ratio == 0.1
+
+
+def test_a_declared_choice_names_the_nearest(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"^command line: unknown GLUE task 'mrcp' for data\.task; did you mean 'mrpc'\? choose one of "
+        r"cola, sst2, mrpc,",
+    ):
+        load_config(None, ["data.task=mrcp"])
+    p = write(tmp_path, "precision: bf61\n")
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: 'precision' must be one of \[.*\], got 'bf61'; did you mean 'bf16'"
+    ):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    ("per_device", "expect"),
+    [
+        (32, r"^train\.per_device_batch_size=32 is larger than train\.effective_batch_size=16$"),
+        (
+            6,
+            r"^train\.per_device_batch_size=6 does not divide train\.effective_batch_size=16.*: 1, 2, 4, 8, 16$",
+        ),
+    ],
+)
+def test_a_cross_field_rule_lives_with_its_section(per_device, expect):
+    from train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=expect):
+        load_config(None, [f"train.per_device_batch_size={per_device}"])
+    with pytest.raises(ConfigError, match=expect):
+        TrainConfig(per_device_batch_size=per_device).check()
+    assert load_config(None, ["train.effective_batch_size=48", "train.per_device_batch_size=6"])
+
+
+def _scalar_types(tp) -> set:
+    """int and float inside ``int | None``, ``list[int]`` and the like."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType, list):
+        return set().union(*map(_scalar_types, typing.get_args(tp)))
+    return {tp}
+
+
+def _undeclared_numbers(section) -> list[str]:
+    from train.config import leaves
+
+    return [
+        leaf.key
+        for leaf in leaves(section)
+        if {int, float} & _scalar_types(leaf.type) and not (leaf.rule.bounded() or leaf.rule.unbounded)
+    ]
+
+
+def test_every_numeric_key_declares_its_bounds():
+    """A new int or float key cannot skip validation: it declares bounds (ge=, gt=, le=, lt=) or says why it
+    has none (unbounded="..."); and every default passes its own declaration."""
+    from dataclasses import dataclass
+
+    from train.config import f, leaves, validate
+
+    assert _undeclared_numbers(Config()) == []
+    assert sum(bool({int, float} & _scalar_types(leaf.type)) for leaf in leaves(Config())) >= 25
+
+    @dataclass
+    class New:
+        bounded: int = f(1, "a count", ge=1)
+        free: float = f(0.0, "any offset", unbounded="a shift in either direction is meaningful")
+        forgotten: int | None = f(None, "a new key without bounds")
+
+    assert _undeclared_numbers(New()) == ["forgotten"]
+    validate(Config())
+
+
+def test_help_shows_what_each_key_allows():
+    from train.tasks import TASKS
+
+    docs = {key: doc for key, doc, _ in describe()}
+    assert docs["train.lr"] == "peak learning rate; allowed: > 0"
+    assert docs["seed"].endswith("; allowed: in [0, 2^32)")
+    assert docs["data.task"] == "GLUE task; allowed: one of " + ", ".join(TASKS)
+    assert docs["train.max_steps"].endswith("; allowed: at least 1 or null")
+    assert docs["fast.enabled"].endswith("; allowed: one of true, false, auto")
+    assert "allowed" not in docs["tracking.wandb.tags"] + docs["overwrite"]

@@ -64,6 +64,20 @@ def test_no_import_cycle_in_train():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
 
 
+def test_no_import_cycle_in_bench():
+    """The bench/ scripts import each other by file name (their folder is on sys.path): no circle among them."""
+    scripts = {p.stem: p for p in (REPO / "bench").glob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in scripts}
+    for name, path in scripts.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names} & scripts.keys()
+            elif isinstance(node, ast.ImportFrom) and node.module in scripts:
+                graph[name].add(node.module)
+    assert {"common", "end_to_end"} <= graph["compare_trainer"]  # the graph sees the imports it guards
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
 # The layers of train/, lowest first: a module may import its own layer and those below it, never one above
 # (docs/CONTRACT.md says why each package sits where it does). The base is the top-level modules every layer
 # uses; the entry points (the CLI) sit above everything.
