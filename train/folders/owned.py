@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from train.errors import NotOurFile
+from train.errors import EnvironmentProblem, NotOurFile
 from train.files import fsync_dir, write_atomic
 from train.folders import lock
 
@@ -188,14 +188,24 @@ def writing(
         outs = Outputs(folder, command, names, hint, also_ours)
         try:
             yield outs
-        except BaseException:
-            outs.discard()
-            raise
-        try:
             outs.commit()
+        except OSError as e:
+            outs.discard()
+            raise _write_failed(e, folder, command) from None
         except BaseException:
             outs.discard()
             raise
+
+
+def _write_failed(e: OSError, folder: Path, command: str) -> OSError | EnvironmentProblem:
+    """A failed write of one of the outputs (a full disk, a file size limit; the writer, e.g. savefig, often
+    names no file) in words; an error reading an input elsewhere keeps its own file name."""
+    if e.filename is not None and Path(folder).resolve() not in Path(e.filename).resolve().parents:
+        return e
+    return EnvironmentProblem(
+        f"glue-train {command} could not write its files into {folder} ({e.strerror or e}); nothing was written there, "
+        "the folder is as it was. Free space or raise the limit, or write elsewhere, and rerun"
+    )
 
 
 def _advice(command: str) -> str:
