@@ -225,6 +225,17 @@ def test_a_reused_pid_or_a_zombie_is_no_holder(tmp_path, caplog):
     child.wait()
 
 
+def test_a_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
+    """The heartbeat that tells other hosts the holder is alive; it stops once the lock is given back."""
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    held = lock.acquire(tmp_path / "run", "train", what="f", advice="a")
+    old = time.time() - 3600
+    os.utime(held.path, (old, old))
+    wait_for(lambda: time.time() - held.path.stat().st_mtime < 60, timeout=10, what="a heartbeat")
+    held.release()
+    assert not held.path.exists() and not (tmp_path / "run").exists()  # the folder it made, empty, is gone
+
+
 RACE = textwrap.dedent(
     """\
     import sys, time

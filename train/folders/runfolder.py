@@ -23,6 +23,7 @@ folder. A second start on the folder stops with one error naming the holder.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -286,6 +287,9 @@ def hold(cfg: Config) -> Iterator[None]:
             advice="Wait for that run to end (or stop it), or use another output_dir",
         )
     except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and _finished(out):
+            yield  # a finished run on a read-only disk: its results are only read, and shown
+            return
         raise _cannot_write(out, e) from None
     try:
         yield
