@@ -336,7 +336,10 @@ def check_card(card: ModelCard) -> list[str]:
     return problems
 
 
-CARD_HINT = "Move your edited card elsewhere (e.g. README.edited.md) and rerun to get a fresh one, or keep yours as it is"
+CARD_HINT = (
+    "Move your edited card elsewhere (e.g. README.edited.md) and rerun to get a fresh one, "
+    "or keep yours as it is"
+)
 
 
 def write_model_cards(run_dir: str | Path) -> list[Path]:
