@@ -133,8 +133,10 @@ def train_main(argv: list[str]) -> int:
             return 0
         quiet_transformers()
         from train.engine.loop import run
+        from train.folders.runfolder import hold
 
-        return run(cfg, argv)
+        with hold(cfg):  # one run per folder: its lock for the run's life (train/folders/lock.py)
+            return run(cfg, argv)
 
     return guarded(
         command,

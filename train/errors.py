@@ -69,6 +69,16 @@ class ReportError(UserError, ValueError):
     """A folder the report cannot be made of; the message names it."""
 
 
+class FolderInUse(UserError):
+    """Another process holds the folder (its lock names the host, pid and since when); met by one process."""
+
+    everywhere = False
+
+
+class NotOurFile(UserError, ValueError):
+    """A command would overwrite a file it did not write (or that was edited since); names the file."""
+
+
 class NothingToReport(ReportError):
     """A sweep folder without one finished run (exit code 1: the command worked, there was nothing to show)."""
 

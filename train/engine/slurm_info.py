@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from train.config import load_config, run_folder
-from train.errors import guarded
+from train.errors import FolderInUse, guarded
 from train.tracking.provenance import git_info
 
 SLURM_KEYS = (
@@ -45,11 +45,22 @@ def start_record(args: list[str], root: str) -> dict:
 
 def append(out: Path, start: dict) -> Path | None:
     """Add ``start`` to the run folder's record; a folder that is not this program's is left alone."""
-    from train.files import write_atomic
-    from train.folders.runfolder import is_own_folder, mark
+    from train.folders import lock
+    from train.folders.runfolder import entries, is_own_folder
 
-    if out.exists() and any(out.iterdir()) and not is_own_folder(out):
+    if out.exists() and entries(out) and not is_own_folder(out):
         return None  # the program itself refuses such a folder, with the reason
+    # never into a folder another run holds (raises FolderInUse; the program itself then refuses to start)
+    with lock.holding(
+        out, "slurm-info", what=f"output_dir {out}", advice="not recording this start", wait_s=30
+    ):
+        return _append(out, start)
+
+
+def _append(out: Path, start: dict) -> Path:
+    from train.files import write_atomic
+    from train.folders.runfolder import mark
+
     mark(out)
     path = out / "slurm_info.json"
     try:
@@ -71,7 +82,13 @@ def _main(argv: list[str] | None) -> int:
     known, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     out = run_folder(load_config(known.config, overrides))
-    path = append(out, start_record(argv, os.environ.get("ROOT", str(Path(__file__).resolve().parents[2]))))
+    try:
+        path = append(
+            out, start_record(argv, os.environ.get("ROOT", str(Path(__file__).resolve().parents[2])))
+        )
+    except FolderInUse as e:
+        print(f"slurm: {e}", file=sys.stderr)
+        return 0
     print(
         f"slurm: wrote {path}" if path else f"slurm: {out} is not a run folder; not writing there",
         file=sys.stderr,

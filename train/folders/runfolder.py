@@ -15,21 +15,29 @@ One rule per restart (the README's "Restarting a run"):
 
 The folder is only inspected (read) until the start has loaded the model and the data; :func:`claim` then writes
 the marker and ``config.yaml``. So a start that fails early leaves nothing that blocks the corrected rerun.
+
+One run per folder: :func:`hold` keeps the folder's lock (train/folders/lock.py) for the whole run, taken by rank 0
+before anything is written there; the other ranks wait until rank 0 holds it, so every rank inspects the same
+folder. A second start on the folder stops with one error naming the holder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from train.config import Config, dump, load_config, to_dict
-from train.errors import ConfigError
+from train.errors import ConfigError, rank
 from train.files import write_atomic
+from train.folders import lock, owned
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ OWN_FILES = {
     "wandb_run_id.txt",
     "slurm_info.json",
     "curves.png",
+    owned.RECORD,  # what `glue-train card` wrote (best/README.md, final/README.md)
 }
 OWN_FOLDERS = {
     "best",
@@ -74,7 +83,8 @@ OPERATIONAL = (
 
 def _is_own(name: str) -> bool:
     return (
-        name in OWN_FILES
+        lock.is_lock_file(name)
+        or name in OWN_FILES
         or name in OWN_FOLDERS
         or name.startswith(PREVIOUS)
         or (name.startswith(".") and ".tmp" in name)  # an atomic write that was interrupted
@@ -135,8 +145,13 @@ class Start:
         return self.action != "finished"
 
 
+def entries(folder: Path) -> list[Path]:
+    """What the folder holds, its lock (held by this start, or by another) aside."""
+    return [p for p in folder.iterdir() if not lock.is_lock_file(p.name)]
+
+
 def _describe(folder: Path, limit: int = 12) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries(folder))
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -146,7 +161,7 @@ def is_own_folder(out: Path) -> bool:
     names this program writes. A folder with, say, only a ``final/`` of the user's own is not."""
     if (out / MARKER).exists():
         return True
-    return (out / "config.yaml").is_file() and all(_is_own(p.name) for p in out.iterdir())
+    return (out / "config.yaml").is_file() and all(_is_own(p.name) for p in entries(out))
 
 
 def mark(out: Path) -> None:
@@ -168,15 +183,9 @@ def inspect(cfg: Config, resolve_precision) -> Start:
     from train.config import run_folder
 
     out = run_folder(cfg)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
-    if not out.exists() or not any(out.iterdir()):
+    refuse_foreign(out)
+    if not out.exists() or not entries(out):
         return Start(out, "fresh", "a new run folder")
-    if not is_own_folder(out):
-        raise ConfigError(
-            f"output_dir {out} is not empty and was not made by this program (it holds {_describe(out)}); "
-            "nothing there is touched. Use a new or empty folder, e.g. output_dir=runs/{task}-{model}-s{seed}"
-        )
     if not (out / "config.yaml").exists():
         return Start(out, "fresh", "no run in the folder yet")
     fresh_start = cfg.overwrite or cfg.checkpoint.resume == "never"
@@ -197,6 +206,17 @@ def inspect(cfg: Config, resolve_precision) -> Start:
     return Start(out, "resume", "the run there is unfinished")
 
 
+def refuse_foreign(out: Path) -> None:
+    """A file, or a non-empty folder this program did not make, is no run folder: refused, untouched."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    if out.exists() and entries(out) and not is_own_folder(out):
+        raise ConfigError(
+            f"output_dir {out} is not empty and was not made by this program (it holds {_describe(out)}); "
+            "nothing there is touched. Use a new or empty folder, e.g. output_dir=runs/{task}-{model}-s{seed}"
+        )
+
+
 def _damaged(out: Path) -> bool:
     try:
         read_config(out / "config.yaml")
@@ -207,9 +227,9 @@ def _damaged(out: Path) -> bool:
 
 def move_aside(out: Path) -> Path | None:
     """Move the previous run's files (only this program's) into ``previous-<time>/``; returns that folder."""
-    entries = [p for p in out.iterdir() if _is_own(p.name) and not p.name.startswith(PREVIOUS)]
-    entries = [p for p in entries if p.name not in (MARKER, "slurm_info.json")]  # the folder's own, kept
-    if not entries:
+    own = [p for p in entries(out) if _is_own(p.name) and not p.name.startswith(PREVIOUS)]
+    own = [p for p in own if p.name not in (MARKER, "slurm_info.json")]  # the folder's own, kept
+    if not own:
         return None
     dest = out / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
@@ -217,7 +237,7 @@ def move_aside(out: Path) -> Path | None:
         n += 1
         dest = out / f"{PREVIOUS}{time.strftime('%Y%m%d-%H%M%S')}-{n}"
     dest.mkdir()
-    for p in entries:
+    for p in own:
         os.replace(p, dest / p.name)
     return dest
 
@@ -235,7 +255,43 @@ def claim(start: Start, cfg: Config) -> None:
                 )
         write_atomic(out / "config.yaml", dump(cfg))
     except OSError as e:
-        raise ConfigError(
-            f"output_dir {out}: cannot write there ({e.strerror or e}); check that the folder is writable and the "
-            "disk has room, or choose another output_dir"
-        ) from None
+        raise _cannot_write(out, e) from None
+
+
+def _cannot_write(out: Path, e: OSError) -> ConfigError:
+    return ConfigError(
+        f"output_dir {out}: cannot write there ({e.strerror or e}); check that the folder is writable and the "
+        "disk has room, or choose another output_dir"
+    )
+
+
+@contextmanager
+def hold(cfg: Config) -> Iterator[None]:
+    """The run's life with its folder locked: by rank 0 of a launch (or the only process), before anything is
+    written there; the other ranks wait until rank 0 holds it (if rank 0 cannot, it says why and exits, and the
+    launcher ends them). Given back on any exit; a kill -9 leaves a stale lock that the next start takes over."""
+    from train.config import run_folder
+
+    out = run_folder(cfg)
+    refuse_foreign(out)  # nothing, not even a lock file, is written into a folder that is not a run folder
+    follower = rank() != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if follower:
+        lock.wait_for_launch(out, lambda: _finished(out), rank())
+        yield
+        return
+    try:
+        held = lock.acquire(
+            out,
+            "train",
+            what=f"output_dir {out}",
+            advice="Wait for that run to end (or stop it), or use another output_dir",
+        )
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and _finished(out):
+            yield  # a finished run on a read-only disk: its results are only read, and shown
+            return
+        raise _cannot_write(out, e) from None
+    try:
+        yield
+    finally:
+        held.release()

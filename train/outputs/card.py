@@ -23,7 +23,6 @@ import yaml
 
 from train.data.metrics import METRICS
 from train.errors import CardError, guarded
-from train.files import write_atomic
 from train.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -337,21 +336,34 @@ def check_card(card: ModelCard) -> list[str]:
     return problems
 
 
+CARD_HINT = (
+    "Move your edited card elsewhere (e.g. README.edited.md) and rerun to get a fresh one, "
+    "or keep yours as it is"
+)
+
+
 def write_model_cards(run_dir: str | Path) -> list[Path]:
-    """Write ``best/README.md`` and ``final/README.md`` (those folders that exist); returns the paths written."""
+    """Write ``best/README.md`` and ``final/README.md`` (those folders that exist); returns the paths written.
+
+    Both or neither: built first, then committed together; a card the user wrote or edited since this program
+    wrote it is never replaced (train/folders/owned.py), and while a run holds the folder (its lock) only that
+    run writes its cards (at its end)."""
+    from train.folders import owned
+
     run_dir = Path(run_dir)
-    written = []
-    for which in WHICH:
-        folder = run_dir / which
-        if not folder.is_dir():
-            continue
-        card = build_card(run_dir, which)
-        problems = check_card(card)
-        if problems:  # a bug here, not the user's: say so, but never fail the run at its very end
-            log.warning("model card of %s: %s", folder, "; ".join(problems))
-        written.append(write_atomic(folder / "README.md", str(card)))
-    if written:
-        log.info("model cards: %s", ", ".join(str(p) for p in written))
+    which = [w for w in WHICH if (run_dir / w).is_dir()]
+    if not which:
+        return []
+    names = [f"{w}/README.md" for w in which]
+    with owned.writing(run_dir, "card", names, hint=CARD_HINT, what=f"run folder {run_dir}") as files:
+        for w, name in zip(which, names, strict=True):
+            card = build_card(run_dir, w)
+            problems = check_card(card)
+            if problems:  # a bug here, not the user's: say so, but never fail the run at its very end
+                log.warning("model card of %s: %s", run_dir / w, "; ".join(problems))
+            files.write(name, str(card))
+    written = [run_dir / n for n in names]
+    log.info("model cards: %s", ", ".join(str(p) for p in written))
     return written
 
 
@@ -364,6 +376,8 @@ def _main(argv: list[str] | None) -> int:
     )
     p.add_argument("run_dir")
     args = p.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        raise CardError(f"{args.run_dir} is not a folder: give a finished run folder")
     written = write_model_cards(args.run_dir)
     if not written:
         raise CardError(f"{args.run_dir} has no best/ or final/ folder: give a finished run folder")

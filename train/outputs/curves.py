@@ -129,33 +129,53 @@ def draw(title: str, task: Task, rows: list[dict], best_step: int | None):
     return fig
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """Draw ``run_dir/curves.png`` (or ``out``); None (and one log line) when matplotlib is not installed."""
-    run_dir = Path(run_dir)
-    if importlib.util.find_spec("matplotlib") is None:
-        log.warning("%s not drawn: matplotlib is not installed (%s)", FILE, INSTALL_HINT)
-        return None
+def render(run_dir: Path) -> bytes:
+    """``curves.png``'s bytes (matplotlib must be installed)."""
     task, name = run_identity(run_dir)
     best_step = (_json(run_dir / "eval_results.json").get("best") or {}).get("step")
     fig = draw(name, task, read_rows(run_dir), best_step)
     buf = io.BytesIO()
     keys = ", ".join(panel_keys(task))
     fig.savefig(buf, format="png", metadata={"Title": f"{name} curves", "Description": keys})
-    path = write_atomic(Path(out) if out else run_dir / FILE, buf.getvalue())
+    return buf.getvalue()
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Draw ``run_dir/curves.png`` (or ``out``); None (and one log line) when matplotlib is not installed."""
+    run_dir = Path(run_dir)
+    if importlib.util.find_spec("matplotlib") is None:
+        log.warning("%s not drawn: matplotlib is not installed (%s)", FILE, INSTALL_HINT)
+        return None
+    path = write_atomic(Path(out) if out else run_dir / FILE, render(run_dir))
     log.info("curves: %s", path)
     return path
 
 
 def report_single(run_dir: str | Path, out_dir: str | Path | None = None) -> int:
-    """``glue-train report RUN_DIR`` on one run folder: draw its curves, print the path. Exit code."""
-    out = Path(out_dir) / FILE if out_dir else None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    """``glue-train report RUN_DIR`` on one run folder: draw its curves, print the path. Exit code.
+
+    Into the run folder itself (a run's own file there, refused while a run holds the folder) or ``out_dir``;
+    a ``curves.png`` there that this program did not write, or that was edited since, is never replaced
+    (train/folders/owned.py)."""
+    from train.folders import owned
+    from train.folders.runfolder import is_own_folder
+
+    run_dir = Path(run_dir)
+    folder = Path(out_dir) if out_dir else run_dir
     if importlib.util.find_spec("matplotlib") is None:
         raise ReportError(f"drawing {FILE} needs matplotlib: {INSTALL_HINT}")
-    try:
-        path = plot_run(run_dir, out)
-    except ValueError as e:
-        raise ReportError(str(e)) from None
-    print(path)
+    in_run = out_dir is None and is_own_folder(run_dir)  # the run's own curves.png, drawn again
+    with owned.writing(
+        folder,
+        "report",
+        [FILE],
+        hint="Move it out of the way, or draw the curves into another folder with --out DIR",
+        what=f"{folder} (where {FILE} is drawn)",
+        also_ours=(lambda name: name == FILE) if in_run else None,
+    ) as files:
+        try:
+            files.write(FILE, render(run_dir))
+        except ValueError as e:
+            raise ReportError(str(e)) from None
+    print(folder / FILE)
     return 0

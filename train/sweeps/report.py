@@ -4,7 +4,9 @@ Reads every ``eval_results.json`` under DIR (any depth) and writes into DIR (or 
 ``results.md`` (tables, the search over override sets, missing runs, submission check), ``results.csv`` (one row
 per task entry and metric), ``results.png`` (per-entry bars with seed spread and reference marks),
 ``selection.json`` (per task the override set with the best median dev score, train/folders/selection.py) and
-``submission.zip`` (the selected set's best seed per task).
+``submission.zip`` (the selected set's best seed per task). It writes only files it owns: the ones it wrote before
+(recorded with their hashes in ``.glue-train-files.json``) and unedited since; any other file of those names stops
+it before it writes anything (train/folders/owned.py). A report that fails leaves the folder as it was.
 
 Numbers are percent. Per task entry and metric: mean ± sample std (ddof=1) over seeds, median, min, max, n.
 The GLUE score is the official macro average over task entries: CoLA (Matthews), SST-2, MRPC (mean of F1 and
@@ -25,7 +27,7 @@ from pathlib import Path
 from train.data.metrics import METRICS
 from train.errors import NothingToReport, ReportError, guarded
 from train.files import write_atomic
-from train.folders import selection
+from train.folders import owned, selection
 from train.folders.runs import RunRecord, scan
 from train.outputs import submission
 from train.sweeps import reference
@@ -479,7 +481,7 @@ def write_plot(path: Path, groups: list[GroupSummary], which: str, include_wnli:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -522,6 +524,19 @@ class Report:
     selection: dict[str, dict] = field(default_factory=dict)  # what selection.json holds
 
 
+REPORT_FILES = {
+    "md": "results.md",
+    "csv": "results.csv",
+    "png": "results.png",
+    "selection": selection.SELECTION_FILE,
+    "zip": "submission.zip",
+}
+NOT_OURS_HINT = (
+    "Move those files out of the way (or delete them if they are old outputs you no longer need), or write the "
+    "report into another folder with --out DIR"
+)
+
+
 def build_report(
     root: str | Path,
     out: str | Path | None = None,
@@ -529,10 +544,26 @@ def build_report(
     include_wnli: bool = True,
     with_submission: bool = True,
 ) -> Report:
-    """Scan ``root`` and write results.md/.csv/.png (and submission.zip) into ``out`` (default: ``root``)."""
+    """Scan ``root`` and write results.md/.csv/.png (and submission.zip) into ``out`` (default: ``root``).
+
+    Only files the report owns are written (train/folders/owned.py: a file of the user's there, or one of ours
+    edited since, stops the report before it writes anything), all at the end: a report that fails half-way
+    leaves the folder as it was."""
     root = Path(root)
     out = Path(out) if out else root
-    out.mkdir(parents=True, exist_ok=True)
+    names = {k: v for k, v in REPORT_FILES.items() if with_submission or k != "zip"}
+    with owned.writing(
+        out, "report", names.values(), hint=NOT_OURS_HINT, what=f"{out} (where the report is written)"
+    ) as files:
+        rep = _compose(root, which, include_wnli, with_submission, files, names)
+    rep.outputs = {k: out / v for k, v in names.items()}
+    return rep
+
+
+def _compose(
+    root: Path, which: str, include_wnli: bool, with_submission: bool, files: owned.Outputs, names: dict
+) -> Report:
+    """The report's files, written to ``files``' temporary names (committed by the caller)."""
     records = scan(root)
     groups = summarize(records, which, include_wnli)
     cands = selection.candidates(records, which)
@@ -544,19 +575,16 @@ def build_report(
         groups_out = [*groups, best]
     else:
         groups_out = groups
-    outputs = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
     picked = {t: selection.selection_record(c, cands[t], root) for t, c in selected.items()}
-    outputs["selection"] = out / selection.SELECTION_FILE
-    write_atomic(outputs["selection"], json.dumps(picked, indent=1) + "\n")
+    files.write(names["selection"], json.dumps(picked, indent=1) + "\n")
     check, sub = None, ["Not built (--no-submission)."]
     if with_submission:
-        outputs["zip"] = out / "submission.zip"
-        chosen, check = write_submission(records, outputs["zip"], selected)
-        sub = submission_lines(chosen, check, outputs["zip"].name)
-    write_csv(outputs["csv"], groups_out)
-    write_plot(outputs["png"], groups_out, which, include_wnli)
+        chosen, check = write_submission(records, files.path(names["zip"]), selected)
+        sub = submission_lines(chosen, check, names["zip"])
+    write_csv(files.path(names["csv"]), groups_out)
+    write_plot(files.path(names["png"]), groups_out, which, include_wnli)
     write_markdown(
-        outputs["md"],
+        files.path(names["md"]),
         root,
         groups,
         records,
@@ -566,7 +594,7 @@ def build_report(
         search_lines(cands, which),
         chosen_sets,
     )
-    return Report(records, groups, check, outputs, picked)
+    return Report(records, groups, check, {}, picked)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

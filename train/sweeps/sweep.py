@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.errors import SearchError, SweepError, guarded
-from train.files import write_atomic
+from train.folders import owned
 from train.folders.runs import MANIFEST, STATUS
 from train.sweeps.spaces import load_search
 from train.tasks import TASKS
@@ -304,8 +304,24 @@ def describe_start(run: SweepRun) -> str:
     return "restarting (no complete checkpoint)" if (run.folder / "config.yaml").exists() else "starting"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=1))
+SWEEP_HINT = (
+    "Move those files out of the way, or give the sweep another --out folder (a sweep writes sweep.json, "
+    "sweep_status.json, sweep_runs*.txt and logs/<run>.log, recorded in .glue-train-files.json)"
+)
+
+
+def _update_json(out: Path, name: str, change: Callable[[dict], dict]) -> None:
+    """Read, change and write one of the sweep's JSON files under the folder's lock (two sweeps into one folder
+    add their runs, never overwrite each other's); only a file the sweep owns (train/folders/owned.py)."""
+    with owned.writing(out, "sweep", [name], hint=SWEEP_HINT) as files:
+        files.write(name, json.dumps(change(_read_json(out / name)), indent=1))
+
+
+def planned_files(runs: list[SweepRun], slurm: bool) -> list[str]:
+    """Every file this sweep may write into its folder (checked before it writes any)."""
+    if slurm:
+        return [MANIFEST, LIST_FILE, WARM_LIST_FILE]
+    return [MANIFEST, STATUS, *(f"{LOG_DIR}/{r.name}.log" for r in runs if not is_finished(r))]
 
 
 def _read_json(path: Path) -> dict:
@@ -317,33 +333,41 @@ def _read_json(path: Path) -> dict:
 
 def write_manifest(out: Path, runs: list[SweepRun]) -> None:
     """Add this sweep's runs to ``DIR/sweep.json`` (runs of earlier sweeps into DIR are kept)."""
-    old = {r["name"]: r for r in _read_json(out / MANIFEST).get("runs", [])}
-    for run in runs:
-        old[run.name] = {
-            "name": run.name,
-            "task": run.task,
-            "seed": run.seed,
-            "tag": run.tag,
-            "overrides": list(run.overrides),
-            "folder": run.folder.name,
-            "config": str(run.config),
-            "configs": [str(c) for c in run.configs],
-            "set": list(run.set_overrides),
-            "after": run.after,
-        }
-    _write_json(out / MANIFEST, {"runs": list(old.values())})
+
+    def add(data: dict) -> dict:
+        old = {r["name"]: r for r in data.get("runs", [])}
+        for run in runs:
+            old[run.name] = entry(run)
+        return {"runs": list(old.values())}
+
+    _update_json(out, MANIFEST, add)
+
+
+def entry(run: SweepRun) -> dict:
+    """A run's line in sweep.json."""
+    return {
+        "name": run.name,
+        "task": run.task,
+        "seed": run.seed,
+        "tag": run.tag,
+        "overrides": list(run.overrides),
+        "folder": run.folder.name,
+        "config": str(run.config),
+        "configs": [str(c) for c in run.configs],
+        "set": list(run.set_overrides),
+        "after": run.after,
+    }
 
 
 def record_status(out: Path, run: SweepRun, rc: int, seconds: float) -> None:
-    status = _read_json(out / STATUS)
-    status[run.name] = {
+    line = {
         "rc": rc,
         "seconds": round(seconds, 1),
         "finished": is_finished(run),
         "log": f"{LOG_DIR}/{run.name}.log",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_json(out / STATUS, status)
+    _update_json(out, STATUS, lambda status: {**status, run.name: line})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,8 +416,9 @@ def child_env(device: str | None) -> dict[str, str]:
 def start_child(
     run: SweepRun, out: Path, device: str | None, command: Callable[[SweepRun], list[str]]
 ) -> _Child:
-    (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
-    log = open(out / LOG_DIR / f"{run.name}.log", "a")  # noqa: SIM115 - closed in _finish_child
+    path = owned.claim_append(out, f"{LOG_DIR}/{run.name}.log", "sweep", SWEEP_HINT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a")  # noqa: SIM115 - closed in _finish_child
     cmd = command(run)
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} device={device or 'cpu'}: {shlex.join(cmd)}\n")
     log.flush()
@@ -552,8 +577,7 @@ def resolve_file(script: str | Path) -> Path:
 
 
 def write_list(out: Path, name: str, runs: list[SweepRun]) -> Path:
-    list_file = out / name
-    write_atomic(list_file, "".join(slurm_line(r) + "\n" for r in runs))
+    list_file = owned.write_file(out, name, "".join(slurm_line(r) + "\n" for r in runs), "sweep", SWEEP_HINT)
     say(f"wrote {list_file} ({len(runs)} runs)")
     return list_file
 
@@ -608,6 +632,7 @@ def submit_slurm(runs: list[SweepRun], out: Path, args: argparse.Namespace) -> i
     first, warm = [r for r in todo if r.after is None], [r for r in todo if r.after]
     (out / LOG_DIR).mkdir(exist_ok=True)  # SLURM does not create the --output folder
     script = resolve_file(args.sbatch_script)
+    new_lists = [out / n for n in (LIST_FILE, WARM_LIST_FILE) if not (out / n).exists()]
     cmds: list[tuple[list[str], str | None]] = []  # (sbatch argv, the source task it waits for)
     for name, part in ((LIST_FILE, first), (WARM_LIST_FILE, warm)):
         if part:
@@ -617,20 +642,30 @@ def submit_slurm(runs: list[SweepRun], out: Path, args: argparse.Namespace) -> i
     if args.dry_run:
         print("\n".join(dry_run_lines(cmds, first)), flush=True)
         return 0
-    if shutil.which("sbatch") is None:
-        raise SweepError("sbatch not found: run on a SLURM login node, or use --dry-run to print the command")
-    if not script.is_file():
-        raise SweepError(f"{script} not found (pass --sbatch-script)")
     job = None
-    for cmd, source in cmds:
+    for i, (cmd, source) in enumerate(cmds):
         dep = dependency(first, source, job or "")
         if dep is not None and job is None:
             say("not submitting the warm-started array: the first array's job id is unknown")
             return 1
         rc, job = _sbatch(with_dependency(cmd, dep))
         if rc:
+            if i == 0:  # nothing was submitted: the lists this sweep wrote for it are not left behind
+                for path in new_lists:
+                    path.unlink(missing_ok=True)
             return rc
     return 0
+
+
+def check_submit(args: argparse.Namespace) -> None:
+    """What --slurm needs, checked before the sweep writes anything."""
+    if not args.slurm or args.dry_run:
+        return
+    if shutil.which("sbatch") is None:
+        raise SweepError("sbatch not found: run on a SLURM login node, or use --dry-run to print the command")
+    script = resolve_file(args.sbatch_script)
+    if not script.is_file():
+        raise SweepError(f"{script} not found (pass --sbatch-script)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -745,6 +780,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     for warning in check_plan(runs):
         say("warning: " + warning)
     out = Path(args.out).resolve()
+    check_submit(args)
+    owned.preflight(out, planned_files(runs, args.slurm), "sweep", SWEEP_HINT)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, runs)
     if args.slurm:
