@@ -543,3 +543,17 @@ def test_batch_split_hints_name_only_values_that_work():
                     assert f"a multiple of {world}" in msg
                     Layout.derive(effective * world, None, world)
     assert checked > 1000
+
+
+def test_a_header_naming_a_column_twice_or_a_folder_for_a_file(tmp_path):
+    task = TASKS["sst2"]
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tsentence\tlabel\na\tb\t1\n")
+    err = _read(path, task, task.split("train")[0])
+    assert isinstance(err, ValueError) and f"{path}:1: the header names the column 'sentence' twice" in str(
+        err
+    )
+    folder = tmp_path / "dev.tsv"
+    folder.mkdir()
+    err = _read(folder, task, task.split("dev")[0])
+    assert isinstance(err, ValueError) and f"{folder} is not a file" in str(err), err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -108,34 +109,33 @@ class RowCheck:
     def label(self, value: object, n: int) -> int | float:
         """A label id in ``range(num_labels)``, or a finite score within the task's range."""
         task = self.task
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if task.is_regression:
             lo, hi = task.score_range or (-math.inf, math.inf)
-            if not (number and math.isfinite(value) and lo <= value <= hi):
+            if not (_is(value, numbers.Real) and math.isfinite(value) and lo <= value <= hi):
                 raise DataError(
                     f"{self.where(n)}: score {value!r} is not a number {_range_text(task)} for task {task.name}; "
                     "fix or remove the row"
                 )
             return float(value)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < task.num_labels):
+        if not (_is(value, numbers.Integral) and 0 <= value < task.num_labels):
             ids = ", ".join(f"{i} ({name})" for i, name in enumerate(task.labels))
             raise DataError(
                 f"{self.where(n)}: label {value!r} is not a label id of task {task.name} ({ids}); fix or remove "
                 "the row"
             )
-        return value
+        return int(value)
 
     def index(self, value: int, n: int) -> int:
         """A test row's index, once per split: the GLUE server matches predictions by it."""
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not _is(value, numbers.Integral) or value < 0:
             raise DataError(f"{self.where(n)}: test index {value!r} is not an integer; fix or remove the row")
         if value in self.seen:
             raise DataError(
                 f"{self.where(n)}: test index {value} appears twice (first at {self.unit} {self.seen[value]}); "
                 "the GLUE server matches predictions by index, so each must be unique"
             )
-        self.seen[value] = n
-        return value
+        self.seen[int(value)] = n
+        return int(value)
 
     def done(self, columns: dict[str, list]) -> Columns:
         if not columns["idx"] and self.split.kind != "test":
@@ -158,6 +158,11 @@ class RowCheck:
         return [f"{self.source}: {'; '.join(parts)}. These rows are used as they are"]
 
 
+def _is(value: object, kind: type) -> bool:
+    """``value`` is a number of ``kind`` (numpy's too), and not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def _range_text(task: Task) -> str:
     if task.score_range is None:
         return "(finite)"
@@ -172,6 +177,10 @@ def read_tsv(path: Path, task: Task, split: Split) -> Columns:
     unbalanced quotes (csv's default quoting silently merges rows) and, rarely, other line-break characters
     (which str.splitlines would break rows at). Every row must have as many fields as the header.
     """
+    if path.exists() and not path.is_file():
+        raise DataError(
+            f"{path} is not a file (task {task.name}, split {split.name}); put the GLUE file there"
+        )
     if not path.is_file():
         raise DataError(
             f"missing GLUE file {path} (task {task.name}, split {split.name}). Put the official GLUE download "
@@ -192,6 +201,8 @@ def read_tsv(path: Path, task: Task, split: Split) -> Columns:
         if name not in header:
             shown = repr(header) if len(repr(header)) < 300 else repr(header)[:300] + " ..."
             raise DataError(f"{path}:1: expected a column '{name}' in the header, found {shown}")
+        if header.count(name) > 1:
+            raise DataError(f"{path}:1: the header names the column '{name}' twice; rename or remove one")
     pos = {name: header.index(name) for name in header}
     check = RowCheck(task, split, str(path))
     out: dict[str, list] = {"idx": [], **{c: [] for c in task.text_columns}, "label": []}

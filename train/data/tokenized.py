@@ -3,8 +3,8 @@ file lock.
 
 An entry is the output of one tokenizer call over one split's rows. :func:`key_parts` lists what decides it, and
 the key is a hash of that list: the tokenizer's definition (every file ``save_pretrained`` writes: its
-``tokenizer.json``, its config with the special tokens, padding and truncation sides and ``model_input_names``),
-its class, what it returns for a probe in this call (the fields and their ids), every argument of the call
+``tokenizer.json`` and its config with the special tokens), its own settings (padding and truncation sides,
+``model_input_names``, special and added tokens: set after loading, they are not in those files), its class, what it returns for a probe in this call (the fields and their ids), every argument of the call
 (:func:`call_arguments`), the task's text columns and split, the source's content (a SHA-256 of the TSV file, or of
 a local Hub copy's files), the code that reads and encodes the rows, and the library versions. Two tokenizers that
 share a vocabulary and ``tokenizer.json`` but return other fields (DistilBERT: no ``token_type_ids``) therefore
@@ -43,6 +43,19 @@ _LOCATION_KEYS = (
     "tokenizer_file",
     "vocab_file",
 )
+# a tokenizer's attributes that say where it came from or what calling it left behind, not what it makes
+_STATE = {
+    "name_or_path",
+    "vocab_file",
+    "files_loaded",
+    "init_kwargs",  # what it was built from: the saved files and the attributes say what it is now
+    "init_inputs",
+    "_tokenizer",  # the backend: its definition is the saved tokenizer.json
+    "verbose",
+    "deprecation_warnings",
+    "_in_target_context_manager",
+    "_processor_class",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,11 +157,12 @@ def tokenizer_definition(tokenizer) -> str:
     with tempfile.TemporaryDirectory(prefix="glue-train-tok-") as tmp:
         try:
             tokenizer.save_pretrained(tmp)
-        except Exception as e:  # noqa: BLE001 - a tokenizer that cannot save itself: its in-memory state
-            log.debug("tokenizer.save_pretrained failed (%s); keying the cache by its in-memory state", e)
+        except Exception as e:  # noqa: BLE001 - a tokenizer that cannot save itself: its backend's definition
+            log.debug("tokenizer.save_pretrained failed (%s); keying the cache by its backend", e)
             backend = getattr(tokenizer, "backend_tokenizer", None)
-            h.update((backend.to_str() if backend is not None else "").encode())
-            h.update(repr(sorted(getattr(tokenizer, "init_kwargs", {}).items(), key=str)).encode())
+            h.update(
+                _canonical_json(backend.to_str(), ("truncation", "padding")) if backend is not None else b""
+            )
             return h.hexdigest()
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
@@ -158,15 +172,40 @@ def tokenizer_definition(tokenizer) -> str:
     return h.hexdigest()
 
 
+def tokenizer_attributes(tokenizer) -> str:
+    """A hash of the tokenizer object's own settings: what ``save_pretrained`` does not write when they were set
+    after loading (``padding_side``, ``truncation_side``, ``model_input_names``, special tokens, ...)."""
+    attributes = {k: _plain(v) for k, v in vars(tokenizer).items() if k not in _STATE}
+    return hashlib.sha256(json.dumps(attributes, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value):
+    """``value`` as JSON (an object by its repr, unless that repr is only its address)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
 def _canonical(path: Path) -> bytes:
     if path.suffix != ".json":
         return path.read_bytes()
+    drop = ("truncation", "padding") if path.name == "tokenizer.json" else _LOCATION_KEYS
+    return _canonical_json(path.read_text(encoding="utf-8", errors="replace"), drop)
+
+
+def _canonical_json(text: str, drop: tuple[str, ...]) -> bytes:
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(text)
     except ValueError:
-        return path.read_bytes()
+        return text.encode()
     if isinstance(spec, dict):
-        for key in ("truncation", "padding") if path.name == "tokenizer.json" else _LOCATION_KEYS:
+        for key in drop:
             spec.pop(key, None)
     return json.dumps(spec, sort_keys=True).encode()
 
@@ -189,6 +228,7 @@ def key_parts(cfg: DataConfig, task: Task, split: Split, tokenizer) -> dict:
     probe = _encode(tokenizer, [[t] for t in PROBE[: len(task.text_columns)]], arguments)
     return {
         "tokenizer": definition,
+        "tokenizer_attributes": tokenizer_attributes(tokenizer),
         "tokenizer_class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
         "returns": {k: list(v[0]) for k, v in sorted(probe.items())},
         "call": arguments,

@@ -97,11 +97,16 @@ def model_parts(model: Any) -> dict[str, Any]:
     classes = {c for m in model.modules() for c in type(m).__mro__ if c.__module__.split(".")[0] != "torch"}
     digests = set()
     for cls in classes:
-        name = f"{cls.__module__}.{cls.__qualname__}".encode()
-        try:  # the file's content, not its path: a moved environment compiles the same graphs
-            digests.add(hashlib.sha256(Path(inspect.getsourcefile(cls) or "").read_bytes()).hexdigest())
-        except (TypeError, OSError):  # builtins, classes made at run time: their name
-            digests.add(hashlib.sha256(name).hexdigest())
+        files = _source_files(cls)
+        for (
+            path
+        ) in files:  # the files' content, not their paths: a moved environment compiles the same graphs
+            try:
+                digests.add(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            except OSError:
+                files = set()
+        if not files:  # builtins, classes made at run time: their name
+            digests.add(hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode()).hexdigest())
     h = hashlib.sha256("".join(sorted(digests)).encode())
     forward = getattr(model, "forward", None)
     return {
@@ -112,6 +117,19 @@ def model_parts(model: Any) -> dict[str, Any]:
         "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         "buffer_dtypes": sorted({str(b.dtype) for b in model.buffers()}),
     }
+
+
+def _source_files(cls: type) -> set[str]:
+    """Where ``cls`` is written: its module's file, else the files its own functions were compiled from."""
+    import inspect
+
+    try:
+        path = inspect.getsourcefile(cls)
+        if path:
+            return {path}
+    except (TypeError, OSError):  # a module no longer in sys.modules, or a builtin
+        pass
+    return {f.__code__.co_filename for f in vars(cls).values() if hasattr(f, "__code__")}
 
 
 def environment_parts() -> dict[str, Any]:
