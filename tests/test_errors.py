@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from conftest import REPO, SMOKE, run_train
 
 SAMPLE = REPO / "train" / "assets" / "glue_sample"
 TINY = REPO / "train" / "assets" / "tiny-bert"
+FIXTURES = REPO / "tests" / "fixtures"
 FAST = ["eval.predict_test=false", "train.max_steps=2"]
 
 
@@ -43,6 +45,16 @@ def _glue_copy(root: Path, name: str, edit) -> Path:
     dest = root / name
     shutil.copytree(SAMPLE, dest)
     edit(dest / "SST-2")
+    return dest
+
+
+def _stsb_copy(root: Path, name: str, split: str, line: int, score: str) -> Path:
+    """A GLUE folder with the STS-B fixture, one score of ``split``.tsv replaced."""
+    dest = root / name
+    shutil.copytree(FIXTURES / "STS-B", dest / "STS-B")
+    path = dest / "STS-B" / f"{split}.tsv"
+    fields = path.read_text(encoding="utf-8").split("\n")[line - 1].split("\t")
+    _set_line(path, line, "\t".join([*fields[:-1], score]))
     return dest
 
 
@@ -81,6 +93,10 @@ def _cases(root: Path) -> dict[str, Case]:
     bad_yaml = root / "bad.yaml"
     bad_yaml.write_text(SMOKE.read_text() + "  warmup_steps: 10\n")  # under train:, a key that does not exist
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    high = _stsb_copy(root, "stsb-high", "train", 3, "7.5")
+    low = _stsb_copy(root, "stsb-low", "train", 2, "-3")
+    nan = _stsb_copy(root, "stsb-nan", "dev", 2, "nan")
+    stsb = ["data.task=stsb", "eval.predict_test=false"]
     return {
         "01_unknown_task": Case(["data.task=sst3"], ["data.task", "sst3", "sst2"], inproc=True),
         "02_unknown_key_cli": Case(
@@ -142,6 +158,25 @@ def _cases(root: Path) -> dict[str, Case]:
         "14_max_length": Case(
             ["data.max_length=4096"],
             ["data.max_length=4096", "max_position_embeddings=512", "data.max_length <= 512"],
+        ),
+        "15_score_above_range": Case(
+            [*stsb, f"data.glue_dir={high}"],
+            [f"{high / 'STS-B' / 'train.tsv'}:3:", "score 7.5", "from 0 to 5", "stsb"],
+        ),
+        "15_score_below_range": Case(
+            [*stsb, f"data.glue_dir={low}"],
+            [f"{low / 'STS-B' / 'train.tsv'}:2:", "score -3.0", "from 0 to 5"],
+        ),
+        "15_score_nan": Case(
+            [*stsb, f"data.glue_dir={nan}"], [f"{nan / 'STS-B' / 'dev.tsv'}:2:", "score 'nan'", "from 0 to 5"]
+        ),
+        "16_max_length_no_room_single": Case(
+            ["data.max_length=2"],
+            ["data.max_length=2", "2 special tokens", "[CLS] [SEP]", "set 3 <= data.max_length <= 512"],
+        ),
+        "16_max_length_no_room_pair": Case(
+            ["data.task=rte", "data.max_length=3"],
+            ["data.max_length=3", "sentence pair", "[CLS] [SEP] [SEP]", "set 4 <= data.max_length <= 512"],
         ),
     }
 
@@ -231,6 +266,11 @@ def _left_as_complete(out: Path) -> list[str]:
         "12_partial_checkpoint",
         "12_corrupt_checkpoint",
         "14_max_length",
+        "15_score_above_range",
+        "15_score_below_range",
+        "15_score_nan",
+        "16_max_length_no_room_single",
+        "16_max_length_no_room_pair",
     ],
 )
 def test_bad_input_gives_one_clear_error(cases: dict[str, Case], name: str) -> None:
@@ -264,3 +304,52 @@ def test_deepspeed_contradiction_is_tested() -> None:
     assert "contradict" in text or "conflict" in text or "mismatch" in text, (
         "no test for a contradicting JSON"
     )
+
+
+def test_a_nan_score_is_a_data_error_not_a_training_one(cases: dict[str, Case]) -> None:
+    """It used to surface as a non-finite loss with the advice to lower train.lr."""
+    res = cases["15_score_nan"].result
+    assert "train.lr" not in res.stderr and "non-finite" not in res.stderr, res.stderr[-2000:]
+
+
+def test_the_suggested_max_lengths_train(cases: dict[str, Case], tmp_path) -> None:
+    """ "set A <= data.max_length <= B": both ends train (and one below A was the error)."""
+    import re
+
+    for name, task in (("16_max_length_no_room_pair", "rte"), ("16_max_length_no_room_single", "sst2")):
+        bounds = re.search(r"set (\d+) <= data\.max_length <= (\d+)", cases[name].result.stderr)
+        assert bounds, cases[name].result.stderr[-2000:]
+        for value in (
+            (int(bounds.group(1)), int(bounds.group(2))) if task == "rte" else (int(bounds.group(1)),)
+        ):
+            out = tmp_path / f"{task}-{value}"
+            argv = ["--config", str(SMOKE), f"output_dir={out}", *FAST, f"data.task={task}"]
+            res = run_train(
+                [*argv, f"data.max_length={value}", "train.max_steps=1"], check=False, timeout=300
+            )
+            assert res.returncode == 0, res.stderr[-3000:]
+            assert (out / "eval_results.json").exists()
+
+
+def test_odd_but_valid_rows_train_with_one_warning_that_counts_them(tmp_path) -> None:
+    """Empty sentences and a line-break character inside a field: the run trains, and says so once per file,
+    also when the rows come from the tokenized cache."""
+    glue = tmp_path / "glue"
+    shutil.copytree(SAMPLE, glue)
+    train = glue / "SST-2" / "train.tsv"
+    for line in (3, 5, 6):
+        _set_line(train, line, " \t1")
+    _set_line(train, 9, "a sentence with a\u2028line separator and a\x0bvertical tab\t0")
+    before = train.read_bytes()
+    for run in ("first", "second"):  # the second one reads the tokenized cache
+        out = tmp_path / run
+        argv = ["--config", str(SMOKE), f"output_dir={out}", f"data.glue_dir={glue}", *FAST]
+        res = run_train(argv, check=False, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        notes = [ln for ln in res.stderr.splitlines() if str(train) in ln]
+        assert len(notes) == 1, (run, notes)
+        assert "3 rows have an empty sentence (first at line 3)" in notes[0], notes[0]
+        assert "1 row has a control or line-break character inside a field" in notes[0], notes[0]
+        assert "(first at line 9)" in notes[0] and "used as they are" in notes[0], notes[0]
+        assert json.loads((out / "run_info.json").read_text())["train_rows"] == 512
+    assert train.read_bytes() == before

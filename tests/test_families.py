@@ -138,6 +138,41 @@ def test_bert_tokenizer_on_a_one_type_model(families, tmp_path):
     assert "not passed: token_type_ids (the model has type_vocab_size=1)" in proc.stderr
 
 
+def test_one_vocabulary_two_tokenizers_never_share_a_tokenized_entry(families, tmp_path):
+    """DistilBERT ships BERT's vocabulary and tokenizer.json, but its tokenizer returns no token_type_ids: a
+    DistilBERT run and then a BERT run on one tokenized cache each tokenize their own entry, and the BERT run on
+    the shared cache trains exactly as on a cache of its own (it used to crash with KeyError: 'token_type_ids')."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    distil = tmp_path / "distilbert-with-bert-vocab"
+    shutil.copytree(families["distilbert"], distil)
+    shutil.copy(families["bert"] / "tokenizer.json", distil / "tokenizer.json")
+    assert (distil / "tokenizer.json").read_bytes() == (families["bert"] / "tokenizer.json").read_bytes()
+    shared, own = tmp_path / "shared-cache", tmp_path / "own-cache"
+    logs = {}
+    for name, model, cache in (
+        ("distil", distil, shared),
+        ("bert", families["bert"], shared),
+        ("ref", families["bert"], own),
+    ):
+        proc = _run(model, "rte", tmp_path / name, f"data.cache_dir={cache}")
+        logs[name] = proc.stderr
+    assert "model inputs: input_ids, attention_mask" in logs["distil"]
+    assert "model inputs: input_ids, token_type_ids, attention_mask" in logs["bert"]
+    assert "tokenized cache hit" not in logs["bert"] and "tokenized rte/train" in logs["bert"]
+    entries = sorted(e for e in (shared / "tokenized").glob("rte-train-*") if e.is_dir())
+    assert len(entries) == 2, entries
+    columns = sorted(tuple(sorted(load_from_disk(str(e)).column_names)) for e in entries)
+    assert columns == [("idx", "input_ids", "label"), ("idx", "input_ids", "label", "token_type_ids")]
+    ref, bert = load_weights(tmp_path / "ref"), load_weights(tmp_path / "bert")
+    assert ref.keys() == bert.keys() and all(torch.equal(ref[k], bert[k]) for k in ref)
+    # and the other way round: BERT's entries are there now, DistilBERT still gets its own
+    again = _run(distil, "rte", tmp_path / "distil-again", f"data.cache_dir={shared}").stderr
+    assert "tokenized cache hit" in again and "model inputs: input_ids, attention_mask" in again
+
+
 # ----------------------------------------------------------------------------------------------------------
 # every path: 2 processes, ZeRO-2, compiled (RoBERTa and ModernBERT)
 

@@ -32,6 +32,7 @@ class Task:
     submission_labels: tuple[str, ...] = ()  # how the GLUE server wants predictions, by id
     metrics: tuple[str, ...] = ("accuracy",)
     splits: tuple[Split, ...] = field(default_factory=tuple)
+    score_range: tuple[float, float] | None = None  # regression: the scores a row may carry (ends included)
 
     @property
     def is_regression(self) -> bool:
@@ -84,6 +85,7 @@ TASKS: dict[str, Task] = {
         Task(
             "stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
             labels=(), metrics=("pearson", "spearman"), splits=_std("STS-B", "STS-B.tsv"),
+            score_range=(0.0, 5.0),  # similarity ratings from 0 (unrelated) to 5 (same meaning)
         ),
         Task(
             "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",

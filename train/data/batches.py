@@ -19,6 +19,22 @@ log = logging.getLogger(__name__)
 # batching
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _listed(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if len(values) <= 12 else f"{', '.join(map(str, values[:12]))}, ..."
+
+
+def _fix_world(effective: int, world: int) -> str:
+    """What makes an effective batch that ``world`` does not divide possible (only values that work)."""
+    return (
+        f"run on a number of processes that divides {effective} ({_listed(_divisors(effective))}), or set "
+        f"train.effective_batch_size to a multiple of {world}"
+    )
+
+
 @dataclass(frozen=True)
 class Layout:
     """How the effective batch is split: ``effective = per_device * accum * world``."""
@@ -30,24 +46,31 @@ class Layout:
 
     @classmethod
     def derive(cls, effective: int, per_device: int | None, world: int) -> Layout:
+        """The split of ``effective`` over ``world`` processes; an impossible one is an error whose hint names
+        only values that work."""
         if per_device is None:
             if effective % world:
                 raise ConfigError(
-                    f"train.effective_batch_size={effective} is not divisible by the world size {world}; "
-                    f"use a world size that divides it, or set train.per_device_batch_size to a divisor of "
-                    f"{effective}/{world} that makes it exact"
+                    f"train.effective_batch_size={effective} is not divisible by the world size {world}, so no "
+                    f"per-device batch splits it evenly; {_fix_world(effective, world)}"
                 )
             per_device = effective // world
-        if per_device > effective:
-            raise ConfigError(
+        if per_device > effective or effective % (per_device * world):
+            why = (
                 f"train.per_device_batch_size={per_device} is larger than train.effective_batch_size={effective}"
+                if per_device > effective
+                else f"train.effective_batch_size={effective} is not divisible by train.per_device_batch_size="
+                f"{per_device} x world size {world} = {per_device * world} (gradient accumulation must be a whole "
+                "number of steps)"
             )
-        if effective % (per_device * world):
+            if effective % world:
+                raise ConfigError(
+                    f"{why}; no per-device batch works on {world} processes: {_fix_world(effective, world)}"
+                )
+            fits = _divisors(effective // world)
             raise ConfigError(
-                f"train.effective_batch_size={effective} is not divisible by "
-                f"train.per_device_batch_size={per_device} x world size {world} = {per_device * world}; "
-                "gradient accumulation must be a whole number of steps. Choose per_device_batch_size so that "
-                f"per_device_batch_size x {world} divides {effective}"
+                f"{why}; set train.per_device_batch_size to one of {_listed(fits)} (per_device_batch_size x "
+                f"{world} divides {effective}), or leave it unset for {effective // world}"
             )
         return cls(effective, per_device, effective // (per_device * world), world)
 

@@ -6,9 +6,13 @@ Both sources yield the same columns: ``idx``, the task's text columns (Hub names
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import logging
+import math
+import numbers
 import os
+import re
+import tempfile
 from pathlib import Path
 
 from train.config import DataConfig
@@ -47,53 +51,199 @@ def resolve_builtin(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading
+# reading: every row checked against its task, whatever the source (RowCheck)
 
 
-def read_tsv(path: Path, task: Task, split: Split) -> dict[str, list]:
-    """Read one official GLUE TSV file.
+class Columns(dict):
+    """A split's columns (``idx``, the task's text columns, ``label``) and ``notes``: one line that counts the odd
+    but valid rows found (empty sentences, ...), for the caller to show once (the reader does not log)."""
 
-    Quoting is off on purpose: GLUE text contains unbalanced quotes, and csv's default quoting silently
-    merges rows. Every row must have as many fields as the header.
+    def __init__(self, columns: dict[str, list], notes: list[str] | None = None):
+        super().__init__(columns)
+        self.notes = notes or []
+
+
+# C0 controls and the line breaks of str.splitlines: inside a field they are text (rows end only at "\n"), but
+# odd enough to count. Not the rest of C1: the official files hold mojibake there (RTE: "Iraq\u00e2\x80\x99s").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # ASCII, no "nan", "1_0"
+_INTEGER = re.compile(r"[0-9]+")
+# kind of odd row -> what the warning says about it
+ODD = {
+    "empty": "an empty sentence",
+    "control": "a control or line-break character inside a field (e.g. \\r, \\x0b, \\x1c, \\u2028; read as "
+    "part of the text: rows end only at \\n)",
+}
+
+
+class RowCheck:
+    """One split's rows against the task they are for, from either source (a TSV file or the Hub).
+
+    Errors name ``source:line`` (``source row N`` for the Hub): a label outside the task's label set, a score
+    that is not finite or outside the task's range, text that is not text, a test index given twice, no rows
+    at all. Odd but valid rows (an empty sentence, a control character inside a field, a blank line) are
+    counted, and :meth:`notes` says it in one line.
     """
+
+    def __init__(self, task: Task, split: Split, source: str, unit: str = "line"):
+        self.task, self.split, self.source, self.unit = task, split, source, unit
+        self.seen: dict[int, int] = {}  # test index -> where first
+        self.odd: dict[str, list[int]] = {}  # kind -> [count, first line/row]
+
+    def where(self, n: int) -> str:
+        return f"{self.source}:{n}" if self.unit == "line" else f"{self.source} row {n}"
+
+    def count(self, kind: str, n: int) -> None:
+        self.odd.setdefault(kind, [0, n])[0] += 1
+
+    def texts(self, values: list, n: int) -> list[str]:
+        for column, value in zip(self.task.text_columns, values, strict=True):
+            if not isinstance(value, str):
+                raise DataError(f"{self.where(n)}: {column} is {value!r}, not text; fix or remove the row")
+        if any(not v.strip() for v in values):
+            self.count("empty", n)
+        if any(_CONTROL.search(v) for v in values):
+            self.count("control", n)
+        return values
+
+    def label(self, value: object, n: int) -> int | float:
+        """A label id in ``range(num_labels)``, or a finite score within the task's range."""
+        task = self.task
+        if task.is_regression:
+            lo, hi = task.score_range or (-math.inf, math.inf)
+            if not (_is(value, numbers.Real) and math.isfinite(value) and lo <= value <= hi):
+                raise DataError(
+                    f"{self.where(n)}: score {value!r} is not a number {_range_text(task)} for task {task.name}; "
+                    "fix or remove the row"
+                )
+            return float(value)
+        if not (_is(value, numbers.Integral) and 0 <= value < task.num_labels):
+            ids = ", ".join(f"{i} ({name})" for i, name in enumerate(task.labels))
+            raise DataError(
+                f"{self.where(n)}: label {value!r} is not a label id of task {task.name} ({ids}); fix or remove "
+                "the row"
+            )
+        return int(value)
+
+    def index(self, value: int, n: int) -> int:
+        """A test row's index, once per split: the GLUE server matches predictions by it."""
+        if not _is(value, numbers.Integral) or value < 0:
+            raise DataError(f"{self.where(n)}: test index {value!r} is not an integer; fix or remove the row")
+        if value in self.seen:
+            raise DataError(
+                f"{self.where(n)}: test index {value} appears twice (first at {self.unit} {self.seen[value]}); "
+                "the GLUE server matches predictions by index, so each must be unique"
+            )
+        self.seen[int(value)] = n
+        return int(value)
+
+    def done(self, columns: dict[str, list]) -> Columns:
+        if not columns["idx"] and self.split.kind != "test":
+            raise DataError(
+                f"{self.source}: no rows (task {self.task.name}, split {self.split.name}); a {self.split.kind} "
+                "split needs at least one, put the file back or point data.glue_dir at a complete GLUE folder"
+            )
+        return Columns(columns, self.notes())
+
+    def notes(self) -> list[str]:
+        if not self.odd:
+            return []
+        parts = []
+        for kind, (count, first) in self.odd.items():
+            if kind == "blank":
+                what = f"{count} blank {'line was' if count == 1 else 'lines were'} skipped"
+            else:
+                what = f"{count} {'row has' if count == 1 else 'rows have'} {ODD[kind]}"
+            parts.append(f"{what} (first at {self.unit} {first})")
+        return [f"{self.source}: {'; '.join(parts)}. These rows are used as they are"]
+
+
+def _is(value: object, kind: type) -> bool:
+    """``value`` is a number of ``kind`` (numpy's too), and not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _range_text(task: Task) -> str:
+    if task.score_range is None:
+        return "(finite)"
+    lo, hi = task.score_range
+    return f"from {lo:g} to {hi:g}"
+
+
+def read_tsv(path: Path, task: Task, split: Split) -> Columns:
+    """Read one official GLUE TSV file; every row is checked against the task (:class:`RowCheck`).
+
+    Rows end at "\\n" (or "\\r\\n") only, and fields are split at tabs with no quoting: GLUE text contains
+    unbalanced quotes (csv's default quoting silently merges rows) and, rarely, other line-break characters
+    (which str.splitlines would break rows at). Every row must have as many fields as the header.
+    """
+    if path.exists() and not path.is_file():
+        raise DataError(
+            f"{path} is not a file (task {task.name}, split {split.name}); put the GLUE file there"
+        )
     if not path.is_file():
         raise DataError(
             f"missing GLUE file {path} (task {task.name}, split {split.name}). Put the official GLUE download "
             "under data.glue_dir, or unset data.glue_dir to use the Hub dataset"
             + ("; or set eval.predict_test=false to skip test predictions" if split.kind == "test" else "")
         )
-    rows = list(csv.reader(_read_text(path).splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    lines = _lines(path)
     headerless = task.tsv_label is None and split.kind != "test"  # CoLA train/dev
     if headerless:
-        header, body, first_line = ["source", "label", "original_label", "sentence"], rows, 1
+        header, first = ["source", "label", "original_label", "sentence"], 0
     else:
-        header, body, first_line = rows[0], rows[1:], 2
+        header, first = lines[0].split("\t"), 1
     columns = [*task.tsv_columns, *([] if split.kind == "test" else [task.tsv_label or "label"])]
     id_column = "id" if split.kind == "test" and "id" in header else "index"  # QQP's test file says "id"
     if split.kind == "test":
         columns.append(id_column)
     for name in columns:
         if name not in header:
-            raise DataError(f"{path}:1: expected a column '{name}' in the header, found {header}")
+            shown = repr(header) if len(repr(header)) < 300 else repr(header)[:300] + " ..."
+            raise DataError(f"{path}:1: expected a column '{name}' in the header, found {shown}")
+        if header.count(name) > 1:
+            raise DataError(f"{path}:1: the header names the column '{name}' twice; rename or remove one")
     pos = {name: header.index(name) for name in header}
-    seen: dict[int, int] = {}  # test index -> line
+    check = RowCheck(task, split, str(path))
     out: dict[str, list] = {"idx": [], **{c: [] for c in task.text_columns}, "label": []}
-    for n, row in enumerate(body):
-        line = first_line + n
-        if not row:
-            continue  # trailing blank line
+    for line, text in enumerate(lines[first:], start=first + 1):
+        if not text:
+            check.count("blank", line)
+            continue
+        row = text.split("\t")
         if len(row) != len(header):
             raise DataError(
                 f"{path}:{line}: row has {len(row)} tab-separated fields, the header has {len(header)}; "
                 "fix or remove the row (GLUE files are read with quoting off)"
             )
-        out["idx"].append(
-            _index(row[pos[id_column]], path, line, seen) if split.kind == "test" else len(out["idx"])
+        texts = check.texts([row[pos[c]] for c in task.tsv_columns], line)
+        for hub_col, value in zip(task.text_columns, texts, strict=True):
+            out[hub_col].append(value)
+        if split.kind == "test":
+            out["idx"].append(check.index(_index(row[pos[id_column]], check.where(line)), line))
+            out["label"].append(-1)
+        else:
+            out["idx"].append(len(out["idx"]))
+            out["label"].append(check.label(_label(row[pos[columns[-1]]], task, check.where(line)), line))
+    return check.done(out)
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, split at "\\n" only (a "\\r" before it is part of the line end); the final line end
+    does not start an empty line."""
+    text = _read_text(path)
+    if "\r" in text and "\n" not in text.rstrip("\n"):
+        raise DataError(
+            f"{path}: its lines end in a carriage return ('\\r') alone (old Mac line ends); GLUE rows end at "
+            "'\\n' (or '\\r\\n'). Convert the line ends, e.g. with `tr '\\r' '\\n' < FILE > FILE.new`"
         )
-        for hub_col, tsv_col in zip(task.text_columns, task.tsv_columns, strict=True):
-            out[hub_col].append(row[pos[tsv_col]])
-        out["label"].append(-1 if split.kind == "test" else _label(row[pos[columns[-1]]], task, path, line))
-    return out
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    if not lines:
+        raise DataError(f"{path}: the file is empty; put the GLUE file back (it starts with a header line)")
+    return lines
 
 
 def _read_text(path: Path) -> str:
@@ -112,53 +262,69 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _index(raw: str, path: Path, line: int, seen: dict[int, int]) -> int:
-    """A test row's ``index``: an integer the server can match, once per file."""
-    try:
-        value = int(raw)
-    except ValueError:
-        raise DataError(
-            f"{path}:{line}: test index '{raw}' is not an integer; fix or remove the row"
-        ) from None
-    if value in seen:
-        raise DataError(
-            f"{path}:{line}: test index {value} appears twice (first at line {seen[value]}); the GLUE server "
-            "matches predictions by index, so each must be unique"
-        )
-    seen[value] = line
-    return value
+def _index(raw: str, where: str) -> int:
+    """A test row's ``index`` as written: digits only (int() would also take " 7", "1_0" and other scripts)."""
+    if not _INTEGER.fullmatch(raw):
+        raise DataError(f"{where}: test index {raw!r} is not an integer; fix or remove the row")
+    return int(raw)
 
 
-def _label(raw: str, task: Task, path: Path, line: int) -> int | float:
+def _label(raw: str, task: Task, where: str) -> int | float:
+    """A label as the TSV spells it -> its Hub id (a score -> float); RowCheck.label then checks the value."""
     if task.is_regression:
-        try:
-            return float(raw)
-        except ValueError:
-            raise DataError(f"{path}:{line}: score '{raw}' is not a number") from None
+        if not _NUMBER.fullmatch(raw):
+            raise DataError(
+                f"{where}: score {raw!r} is not a number {_range_text(task)} (written like 3.8) for task "
+                f"{task.name}; fix or remove the row"
+            )
+        return float(raw)
     names = task.tsv_labels or task.labels
     if raw not in names:
-        raise DataError(f"{path}:{line}: label '{raw}' is not one of {list(names)} for task {task.name}")
+        raise DataError(f"{where}: label {raw!r} is not one of {list(names)} for task {task.name}")
     return names.index(raw)
 
 
-def read_hub(task: Task, split: Split, dataset: str = "nyu-mll/glue") -> dict[str, list]:
-    """The same columns from the Hub dataset ``nyu-mll/glue`` (or a local copy of its repository)."""
+def read_hub(task: Task, split: Split, dataset: str = "nyu-mll/glue") -> Columns:
+    """The same columns from the Hub dataset ``nyu-mll/glue`` (or a local copy of its repository), checked row by
+    row like a TSV file (:class:`RowCheck`)."""
     import datasets
 
     config = split.hub_config or task.name
     hub_split = "test" if split.hub_config else split.name
-    try:
-        ds = datasets.load_dataset(dataset, config, split=hub_split)
-    except Exception as e:  # network, auth, offline mode: all end here
-        raise DataError(
-            f"data.glue_dir is unset, so GLUE is read from the Hub dataset {dataset}, but {config} split "
-            f"{hub_split} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}). "
-            + offline_advice()
-        ) from None
-    return {c: list(ds[c]) for c in ("idx", *task.text_columns, "label")}
+    # A local copy is read afresh each time: datasets' own cache serves the rows of another folder of the same
+    # name (or of this folder before an edit). A Hub id is cached by its revision.
+    local = Path(dataset).expanduser().is_dir()
+    with (
+        tempfile.TemporaryDirectory(prefix="glue-train-hub-") if local else contextlib.nullcontext() as fresh
+    ):
+        try:
+            ds = datasets.load_dataset(dataset, config, split=hub_split, cache_dir=fresh)
+        except Exception as e:  # network, auth, offline mode: all end here
+            raise DataError(
+                f"data.glue_dir is unset, so GLUE is read from the Hub dataset {dataset}, but {config} split "
+                f"{hub_split} could not be loaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}). " + offline_advice()
+            ) from None
+        missing = [c for c in ("idx", *task.text_columns, "label") if c not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"the Hub dataset {dataset} ({config}, split {hub_split}) has no column {missing[0]!r} (it has "
+                f"{ds.column_names}); data.hub_dataset must be nyu-mll/glue or a copy of it"
+            )
+        out: dict[str, list] = {c: list(ds[c]) for c in ("idx", *task.text_columns, "label")}
+        del ds  # its files live in ``fresh``
+    check = RowCheck(task, split, f"{dataset} ({config}, split {hub_split})", unit="row")
+    test = split.kind == "test"
+    for n, values in enumerate(zip(*(out[c] for c in task.text_columns), strict=True)):
+        check.texts(list(values), n)
+        if test:
+            check.index(out["idx"][n], n)
+        else:
+            out["label"][n] = check.label(out["label"][n], n)
+    return check.done(out)
 
 
-def read_split(cfg: DataConfig, task: Task, split: Split) -> dict[str, list]:
+def read_split(cfg: DataConfig, task: Task, split: Split) -> Columns:
     if cfg.glue_dir is None:
         return read_hub(task, split, cfg.hub_dataset)
     return read_tsv(Path(resolve_builtin(cfg.glue_dir)) / split.tsv, task, split)

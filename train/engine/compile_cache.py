@@ -12,7 +12,8 @@ starts cold. Here the compiled path points them at one known folder, ``fast.cach
   renames it into place (``torch._inductor.codecache.write_atomic``), so a reader sees a whole entry or
   none, and two writers of one key write the same bytes; our own files go through ``train.files.write_atomic``;
 - ``glue-train/<key>.json`` beside them records, per *compile key* (what decides the compiled graphs: model
-  config, shapes, precision, backend, device, versions), the seconds the last cold and warm compile took and
+  config and code, forward signature, attention, dtypes, shapes, precision, backend, device, launcher, versions,
+  compile environment variables), the seconds the last cold and warm compile took and
   the cache entries they produced; ``fast.enabled=auto`` reads it to estimate what compiling will cost
   (train/engine/fastpath.py: ``auto_pays_off``);
 - ``glue-train/<key>.bin`` is torch's portable mega-cache (``torch.compiler.save_cache_artifacts``) of those
@@ -81,6 +82,84 @@ def compile_key(parts: dict[str, Any]) -> str:
     """A short stable hash of what decides the compiled graphs (JSON of ``parts``, keys sorted)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# environment variables that change what torch.compile makes (not where it keeps it: *_CACHE_DIR)
+COMPILE_ENV = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_", "TRITON_")
+
+
+def model_parts(model: Any) -> dict[str, Any]:
+    """What of a model decides its compiled graphs besides its config: the source of every module class in it
+    (and their bases: library or remote code alike), ``forward``'s signature, the attention implementation
+    and the parameters' dtypes."""
+    import inspect
+
+    classes = {c for m in model.modules() for c in type(m).__mro__ if c.__module__.split(".")[0] != "torch"}
+    digests = set()
+    for cls in classes:
+        files = _source_files(cls)
+        for (
+            path
+        ) in files:  # the files' content, not their paths: a moved environment compiles the same graphs
+            try:
+                digests.add(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            except OSError:
+                files = set()
+        if not files:  # builtins, classes made at run time: their name
+            digests.add(hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode()).hexdigest())
+    h = hashlib.sha256("".join(sorted(digests)).encode())
+    forward = getattr(model, "forward", None)
+    return {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_code": h.hexdigest(),
+        "forward": str(inspect.signature(forward)) if forward is not None else None,
+        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "buffer_dtypes": sorted({str(b.dtype) for b in model.buffers()}),
+    }
+
+
+def _source_files(cls: type) -> set[str]:
+    """Where ``cls`` is written: its module's file, else the files its own functions were compiled from."""
+    import inspect
+
+    try:
+        path = inspect.getsourcefile(cls)
+        if path:
+            return {path}
+    except (TypeError, OSError):  # a module no longer in sys.modules, or a builtin
+        pass
+    return {f.__code__.co_filename for f in vars(cls).values() if hasattr(f, "__code__")}
+
+
+def environment_parts() -> dict[str, Any]:
+    """Versions, the launcher's backend and the environment variables that change what torch.compile makes."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    from train.engine.backends import launched
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    env = {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith(COMPILE_ENV) and not k.endswith("CACHE_DIR")
+    }
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "triton": version("triton") or version("pytorch-triton"),
+        "cuda": torch.version.cuda,
+        "launcher": launched(),  # DDP, FSDP and DeepSpeed wrap the model differently
+        "compile_env": env,
+    }
 
 
 @dataclass(frozen=True)

@@ -262,23 +262,27 @@ def _compile_key(
     """What decides the compiled graphs of this run (not seeds, learning rates or data): its hash and parts."""
     import transformers
 
+    from train.engine.compile_cache import environment_parts, model_parts
+
     skip = ("_name_or_path", "transformers_version", "id2label", "label2id")  # names only: same graphs
     config = {k: v for k, v in model.config.to_dict().items() if k not in skip}
     config["num_labels"] = model.config.num_labels
     parts = {
-        "torch": torch.__version__,
+        **environment_parts(),  # torch, python, triton, CUDA versions; launcher; compile environment variables
         "transformers": transformers.__version__,
         "device": device_name,
-        "model_class": type(model).__name__,
+        **model_parts(model),  # class, code, forward signature, attention implementation, dtypes
         "model_config": config,
         "inputs": list(inputs.model_keys),
         "regression": regression,
         "buckets": list(d.buckets or ()),
         "train_rows": layout.per_device,
+        "accum": layout.accum,  # with CUDA graphs it decides where gradients live (FastPath.set_to_none)
         "eval_rows": cfg.eval.batch_size,
         "precision": precision,  # what the run computes in (cfg.precision may say auto)
         "backend": d.backend,
         "mode": d.mode,
+        "cudagraphs": d.cudagraphs,
         "dynamic": d.dynamic,
         "world": layout.world,
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 from train.config import Config
 from train.data.batches import Inputs
 from train.data.glue import offline_advice, resolve_builtin
+from train.data.tokenized import check_max_length, min_max_length
 from train.errors import ConfigError
 from train.model import warm_start
 from train.tasks import Task
@@ -134,9 +135,11 @@ def position_limit(mcfg, tokenizer) -> int | None:
     return min(sane) if sane else None
 
 
-def check_lengths(cfg: Config, mcfg, tokenizer, name: str) -> None:
-    """data.max_length (and the padded length pad_to_multiple_of makes of it) within the position limit."""
+def check_lengths(cfg: Config, mcfg, tokenizer, name: str, task: Task) -> None:
+    """data.max_length between what the tokenizer's special tokens need and the position limit (and the padded
+    length pad_to_multiple_of makes of it within the limit)."""
     limit = position_limit(mcfg, tokenizer)
+    check_max_length(cfg.data.max_length, tokenizer, task, limit, name)
     if limit is None:
         return
     longest = cfg.data.max_length
@@ -144,8 +147,8 @@ def check_lengths(cfg: Config, mcfg, tokenizer, name: str) -> None:
         raise ConfigError(
             f"data.max_length={cfg.data.max_length} exceeds the model's position limit ({limit} tokens: "
             f"max_position_embeddings={getattr(mcfg, 'max_position_embeddings', None)}, tokenizer "
-            f"model_max_length={getattr(tokenizer, 'model_max_length', None)} in {name}); set data.max_length <= "
-            f"{limit}"
+            f"model_max_length={getattr(tokenizer, 'model_max_length', None)} in {name}); set "
+            f"{min_max_length(tokenizer, task)} <= data.max_length <= {limit}"
         )
     multiple = cfg.data.pad_to_multiple_of
     if multiple and -(-longest // multiple) * multiple > limit:
@@ -218,7 +221,7 @@ def load_model(cfg: Config, task: Task, tokenizer):
         log.info("model.dropout=%g set in the model config: %s", cfg.model.dropout, ", ".join(changed) or "-")
     if getattr(mcfg, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         mcfg.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token with it
-    check_lengths(cfg, mcfg, tokenizer, name)
+    check_lengths(cfg, mcfg, tokenizer, name, task)
     cls = _model_class(cfg, mcfg, name)
     load_kwargs = {
         "ignore_mismatched_sizes": cfg.model.ignore_mismatched_sizes,
