@@ -146,8 +146,8 @@ def test_grouped_batches_have_similar_lengths():
     plain = batches.PlanSampler(n, lay, 0, seed=3)
 
     def padding(s: batches.PlanSampler) -> float:  # padded tokens / real tokens when padding to the longest
-        batches = [lengths[s.global_batch(k)] for k in range(s.steps_per_epoch())]
-        return sum(len(b) * b.max() for b in batches) / lengths.sum()
+        planned = [lengths[s.global_batch(k)] for k in range(s.steps_per_epoch())]
+        return sum(len(b) * b.max() for b in planned) / lengths.sum()
 
     assert padding(grouped) < 1.1 < 1.5 < padding(plain)
     assert sorted(grouped.order()) == list(range(n))
