@@ -246,7 +246,7 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
     model, rows = tiny
     lengths = (5, 20, 40)  # three distinct batch lengths, two buckets
 
-    def batches(buckets):
+    def bucketed(buckets):
         collate = batches.make_collator(batches.Inputs(), False, buckets=buckets)
         for n in lengths:
             cut = [
@@ -260,13 +260,13 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
             yield collate(cut)
 
     fast = _fast(model, (32, 64))
-    for b in batches((32, 64)):
+    for b in bucketed((32, 64)):
         fast.eval_logits(b)
         fast.eval_logits(b)
     assert fast.shapes["eval"] == {(16, 32), (16, 64)}
     assert fast.graph_count() == 2 and fast.recompiles == 0  # one graph per bucket, no graph breaks
     unbucketed = _fast(model, None)
-    for b in batches(None):
+    for b in bucketed(None):
         unbucketed.eval_logits(b)
     assert unbucketed.graph_count() == len(lengths)  # the counter sees every new shape
 

@@ -1,8 +1,8 @@
-"""The run's checkpoints: when to save (``checkpoint.every_steps``), what, restoring at a start, and the model
-folders ``best/`` and ``final/``.
+"""The run's checkpoints: when and what to save, the restore at a start, and the ``best/``/``final/`` exports.
 
-The files and their safety rules (temporary folder, manifest, ``COMPLETE``, damaged ones skipped) are
-train/engine/checkpoint.py's; this object applies them to one run with its backend.
+``maybe_save(step)`` decides by ``checkpoint.every_steps``. The files and their safety rules (temporary
+folder, manifest, ``COMPLETE``, damaged ones skipped) are train/engine/checkpoint.py's; this object applies
+them to one run with its backend.
 """
 
 from __future__ import annotations

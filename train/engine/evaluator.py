@@ -1,7 +1,8 @@
-"""Evaluation: when to evaluate (``eval.every_steps``, ``eval.every_epoch``, the last step), the metrics of the
-dev splits, the best evaluation so far, and early stopping (``train.early_stopping_patience``).
+"""Evaluation: when to evaluate, the dev splits' metrics, the best evaluation so far, and early stopping.
 
-Every rank evaluates the same gathered predictions, so every rank decides the same at the same step.
+``should_eval(step)`` decides by ``eval.every_steps``, ``eval.every_epoch`` and the last step; early stopping
+by ``train.early_stopping_patience``. Every rank evaluates the same gathered predictions, so every rank
+decides the same at the same step.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The training loop: steps, their metric windows and the stop vote; evaluation and checkpoints come from the
-Run's components (they decide their own cadence), the run's outputs from the hooks.
+"""The training loop: optimizer steps, their metric windows and the stop vote, to the end of training.
 
-run -> setup (train/engine/setup.py) -> train -> train_one_epoch -> finish. It never names a backend: Accelerate
-and the launch config decide that, and the Run's backend is asked where they differ.
+Evaluation and checkpoints come from the Run's components, which decide their own cadence; the run's outputs
+from the hooks. run -> setup (train/engine/setup.py) -> train -> train_one_epoch -> finish. It never names a
+backend: Accelerate and the launch config decide that, and the Run's backend is asked where they differ.
 """
 
 from __future__ import annotations

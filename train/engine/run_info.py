@@ -1,7 +1,8 @@
-"""``run_info.json``: the derived values of a start (world, batch layout, precision, backend, versions, SLURM ids),
-and at the end the training time, mean throughput and where W&B keeps the run.
+"""``run_info.json``: what a run derived (never in its config), written at the start and completed at the end.
 
-The dict lives in memory (``run.info``, also what W&B shows beside the config); the file follows it.
+At the start: world, batch layout, precision, backend, versions, SLURM ids; at the end: the training time,
+mean throughput and where W&B keeps the run. The dict lives in memory (``run.info``, also what W&B shows
+beside the config); the file follows it.
 """
 
 from __future__ import annotations

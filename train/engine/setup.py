@@ -1,8 +1,9 @@
-"""Starting a run: the run folder's verdict, the backend (chosen here, once), the Accelerator, the build, the
-restore, ``run_info.json`` and the W&B run, into one :class:`~train.engine.run.Run`.
+"""Starting a run: everything the loop needs, put together once into a :class:`~train.engine.run.Run`.
 
-The run folder is only read until the model and the data have loaded (runfolder.claim writes it), so a start
-that fails on a typo leaves nothing behind that would block the corrected rerun.
+The run folder's verdict, the backend (chosen here, once), the Accelerator, the build, the restore,
+``run_info.json`` and the W&B run. The run folder is only read until the model and the data have loaded
+(runfolder.claim writes it), so a start that fails on a typo leaves nothing behind that would block the
+corrected rerun.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ def results_lines(task: Task, result: dict) -> list[str]:
 def hyperparameter_lines(cfg: dict, info: dict) -> list[str]:
     t, ev, data = cfg.get("train", {}), cfg.get("eval", {}), cfg.get("data", {})
     total = info.get("total_steps")
-    warmup = int(t.get("warmup_ratio", 0.0) * total) if total is not None else None  # as loop.build_scheduler
+    # as train/engine/build.py's build_scheduler
+    warmup = int(t.get("warmup_ratio", 0.0) * total) if total is not None else None
     dist = str(info.get("distributed_type", "")).rsplit(".", 1)[-1]
     # What the backend says of itself (train/engine/backends/: Backend.card); before run_info held that, its
     # title ("DDP (2 processes, gloo backend)", ...), and before that Accelerate's distributed type.

@@ -1,9 +1,9 @@
-"""The run's outputs, written when the engine's hooks fire: the start block, test predictions, model cards,
-curves, the summary block, and the W&B panels beyond scalars (the Tracker's sinks).
+"""The run's outputs, written when the engine's hooks fire (what a person reads and keeps besides the model).
 
-``glue-train train`` hands :class:`RunOutputs` to the engine (train/cli.py); the engine never imports this
-package. Each output is also built from the run folder's files alone, so the ``card``, ``summary`` and
-``submission`` commands can write or check it after the fact.
+The start block, test predictions, model cards, curves, the summary block, and the W&B panels beyond scalars
+(through the Tracker). ``glue-train train`` hands :class:`RunOutputs` to the engine (train/cli.py); the engine
+never imports this package. The cards, curves and summary are built from the run folder's files alone, so
+``glue-train card`` and ``glue-train summary`` give the same after the fact.
 """
 
 from __future__ import annotations
