@@ -274,7 +274,7 @@ def run_loop(
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     run = loop.setup(cfg)
-    compile_s = run.fast.warmup_s
+    compile_s = run.built.fast.warmup_s
     if (
         getattr(run, "bar", "absent") is None
     ):  # train() opens a progress bar; we call train_one_epoch directly
@@ -282,13 +282,13 @@ def run_loop(
 
         run.bar = tqdm(disable=True)
     device = run.acc.device
-    total = run.total_steps
-    run.total_steps = a.warmup
+    total = run.built.total_steps
+    run.built.total_steps = a.warmup
     t1 = time.perf_counter()
     loop.train_one_epoch(run)
     sync(device)
     t2 = time.perf_counter()
-    run.total_steps = total
+    run.built.total_steps = total
     loop.train_one_epoch(run)
     sync(device)
     t3 = time.perf_counter()
@@ -300,10 +300,10 @@ def run_loop(
         "warmup_s": compile_s + (t2 - t1),
         "timed_s": t3 - t2,
         "device": device,
-        "model": run.acc.unwrap_model(run.model),
+        "model": run.acc.unwrap_model(run.built.model),
         "setup_s": t1 - t0 - compile_s,
-        **run.fast.run_info(),  # fast_path, compile_s, compile_cache
-        **run.fast.metrics(),
+        **run.built.fast.run_info(),  # fast_path, compile_s, compile_cache
+        **run.built.fast.metrics(),
     }
     run.acc.end_training()
     del run
@@ -317,12 +317,12 @@ def profile(run, name: str, folder: Path, steps: int = 20) -> None:
 
     from train.engine import loop
 
-    if (run.state.step_in_epoch + steps) > run.sampler.steps_per_epoch():
+    if (run.state.step_in_epoch + steps) > run.built.data.sampler.steps_per_epoch():
         log.warning("profile: not enough rows left for %d more steps of %s; skipped", steps, name)
         return
     folder.mkdir(parents=True, exist_ok=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    run.total_steps = run.state.global_step + steps
+    run.built.total_steps = run.state.global_step + steps
     with torch_profile(activities=acts) as prof:
         loop.train_one_epoch(run)
         sync(run.acc.device)

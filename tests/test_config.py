@@ -107,7 +107,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_bundled_sweep_list_is_27_valid_runs():
     """sweeps/glue.txt (for `sbatch --array=0-26 slurm/sweep.sbatch sweeps/glue.txt`) loads line by line."""
-    from train.engine.loop import output_dir
+    from train.config import run_folder as output_dir
 
     runs = [
         ln.split()

@@ -170,7 +170,7 @@ def test_accelerate_without_config_file():
 def test_slurm_info_lands_in_the_programs_output_dir(tmp_path):
     """slurm/common.sh derives the run folder without importing torch; it must be the program's folder."""
     from train.config import load_config
-    from train.engine.loop import output_dir
+    from train.config import run_folder as output_dir
 
     args = ["--config", str(SMOKE), f"output_dir={tmp_path}/{{task}}-{{model}}-s{{seed}}", "seed=5"]
     expected = output_dir(load_config(str(SMOKE), args[2:]))

@@ -56,8 +56,7 @@ def test_mnli_three_classes():
 def test_every_task_metric_has_one_home():
     """A task can name only metrics train/data/metrics.py defines (and the card, report and summary name them from
     there); the summary orders the task's metrics first."""
-    from train.data.metrics import METRICS
-    from train.outputs.summary import PRIMARY_ORDER
+    from train.data.metrics import METRICS, PRIMARY_ORDER
 
     used = {m for task in TASKS.values() for m in task.metrics}
     assert used <= set(METRICS), used - set(METRICS)

@@ -93,6 +93,7 @@ def _warm_imports() -> None:
     import train.cli
     import train.data.metrics  # noqa: F401
     import train.engine.loop  # noqa: F401
+    import train.outputs.hooks  # noqa: F401
 
     for name in FAMILY_MODULES:
         importlib.import_module(f"transformers.models.{name}.modeling_{name}")

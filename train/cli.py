@@ -67,7 +67,8 @@ class _Quiet(logging.Filter):
 
 def setup_logging() -> None:
     """Our log lines at INFO on rank 0 (WARNING elsewhere: N processes say each thing once); third parties
-    quiet: no progress bars, DeepSpeed's messages only when DeepSpeed is used, transformers at warning level."""
+    quiet: no progress bars, a backend library's messages only when its backend runs, transformers at warning
+    level."""
     logging.basicConfig(
         level=logging.INFO if rank() == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank()}] %(name)s: %(message)s",
@@ -75,10 +76,10 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train.engine.backends import launched
+    from train.engine.backends import log_levels
 
-    deepspeed_level = logging.WARNING if launched() == "deepspeed" and rank() == 0 else logging.ERROR
-    logging.getLogger("DeepSpeed").addFilter(_Quiet(deepspeed_level))
+    for name, level in log_levels(rank()).items():
+        logging.getLogger(name).addFilter(_Quiet(level))
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # tokenize/save bars; read at import
 
 
@@ -134,9 +135,10 @@ def train_main(argv: list[str]) -> int:
         quiet_transformers()
         from train.engine.loop import run
         from train.folders.runfolder import hold
+        from train.outputs.hooks import RunOutputs
 
         with hold(cfg):  # one run per folder: its lock for the run's life (train/folders/lock.py)
-            return run(cfg, argv)
+            return run(cfg, argv, hooks=RunOutputs())  # the engine trains; the outputs hook in from here
 
     return guarded(
         command,

@@ -74,6 +74,15 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
     return out
 
 
+PRIMARY_ORDER = (*METRICS, "score", "loss")
+
+
+def metrics_text(split: dict) -> str:
+    """``accuracy 0.8123 · score 0.8123 · loss 0.4410``: a split's metrics, the task's numbers first."""
+    keys = [k for k in PRIMARY_ORDER if k in split] + sorted(k for k in split if k not in PRIMARY_ORDER)
+    return " · ".join(f"{k} {split[k]:.4f}" for k in keys if isinstance(split[k], (int, float)))
+
+
 def _finite(x: float) -> float:
     # A constant prediction has no correlation; scipy says NaN, GLUE would score it 0.
     return 0.0 if not np.isfinite(x) else float(x)

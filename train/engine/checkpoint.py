@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from train.engine import dist
-from train.engine.backends import current
+from train.engine.backends.base import Backend
 from train.errors import CheckpointError
 from train.files import fsync_dir as _fsync_dir
 
@@ -249,8 +249,11 @@ def _explain(error: BaseException | None, where: Path, need: int = 0) -> str:
     return raw
 
 
-def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint folder.
+def save(
+    acc, output_dir: Path, step: int, state: dict, keep_last: int, backend: Backend | None = None
+) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint folder. ``backend``: the run's (its
+    ``save_state``; default: the base one, which every backend shares today).
 
     Written into ``.tmp-step-N``, fsynced, marked ``COMPLETE``, renamed to ``step-N`` and the folder entry
     fsynced; a failure on any rank (disk full) removes the partial folder on every rank and raises
@@ -271,7 +274,7 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
             error = e
     if not dist.any_rank(error is not None):
         try:
-            current().save_state(acc, str(tmp))
+            (backend or Backend()).save_state(acc, str(tmp))
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             error = e
     if not dist.any_rank(error is not None) and acc.is_main_process:
@@ -311,11 +314,12 @@ def save(acc, output_dir: Path, step: int, state: dict, keep_last: int) -> Path:
     return final
 
 
-def load(acc, path: Path) -> dict:
-    """Restore model, optimizer, scheduler, scaler and RNG states; returns ``trainer_state.json``."""
+def load(acc, path: Path, backend: Backend | None = None) -> dict:
+    """Restore model, optimizer, scheduler, scaler and RNG states (``backend``: as in :func:`save`); returns
+    ``trainer_state.json``."""
     try:
         state = json.loads((Path(path) / STATE).read_text())
-        current().load_state(acc, str(path))
+        (backend or Backend()).load_state(acc, str(path))
     except Exception as e:  # noqa: BLE001 - a corrupt checkpoint fails deep inside torch/safetensors
         raise CheckpointError(
             f"checkpoint {path} is corrupt or does not belong to this run/model and cannot be loaded "
@@ -343,13 +347,14 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def export_model(acc, model, tokenizer, dest: Path) -> None:
-    """Collective. A plain HF folder (safetensors, full weights even from ZeRO-3 shards) for ``from_pretrained``.
+def export_model(acc, model, tokenizer, dest: Path, backend: Backend | None = None) -> None:
+    """Collective. A plain HF folder (safetensors, full weights even from sharded ones) for ``from_pretrained``;
+    ``backend`` gathers them (as in :func:`save`).
 
     Written to ``<dest>.tmp`` and renamed over ``dest``; if that fails (disk full) every rank raises
     ``CheckpointError`` and the previous ``dest`` is left as it was.
     """
-    state_dict = current().full_state_dict(acc, model)
+    state_dict = (backend or Backend()).full_state_dict(acc, model)
     error: BaseException | None = None
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")

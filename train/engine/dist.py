@@ -41,7 +41,7 @@ def resolve_precision(precision: str, cuda: bool) -> str:
 
 
 def free_port() -> int:
-    """A free TCP port on the loopback (the one helper for it: launchers, tests and DeepSpeed's single process)."""
+    """A free TCP port on the loopback (the one helper for it: launchers, tests and a backend's one-process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

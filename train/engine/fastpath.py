@@ -1,7 +1,7 @@
 """The fast path (issue 7): compiled, CUDA-graphed steps over bucketed padding, with fused AdamW.
 
 At effective batch 16, BERT fine-tuning is bound by per-step overhead (kernel launches, Python, host-device
-syncs), not by FLOPs. On CUDA (without DeepSpeed) this module, when ``fast.enabled`` allows it:
+syncs), not by FLOPs. On CUDA (under a backend that allows it) this module, when ``fast.enabled`` allows it:
 
 - compiles forward + per-sample loss (and so, through AOTAutograd, the backward) with ``torch.compile``;
   ``mode="reduce-overhead"`` replays each graph as a CUDA graph (one launch instead of hundreds);
@@ -15,7 +15,8 @@ syncs), not by FLOPs. On CUDA (without DeepSpeed) this module, when ``fast.enabl
   (``Window``, read every ``train.log_every`` steps) and ``clip_grad_norm_`` scales without reading the norm.
 
 Where it cannot apply it degrades to the eager code path and logs the reason once: on CPU (``auto``), under
-DeepSpeed (its engine owns backward and the optimizer step), or when switched off (``fast.enabled=false``).
+a backend that rules it out (``Backend.fast_path_off``, e.g. an engine that owns backward and the optimizer
+step), or when switched off (``fast.enabled=false``).
 ``fast.enabled=true`` forces compilation on CPU too (inductor's C++ backend, or ``fast.backend=aot_eager``),
 which is how the CPU tests check the compiled graphs against eager.
 
@@ -37,7 +38,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +47,9 @@ from train.data.batches import Inputs, Layout
 from train.engine.compile_cache import CacheState, CompileCache, compile_key, lookups_since
 from train.engine.compile_cache import cache_dir as compile_cache_dir
 from train.engine.compile_cache import counters as cache_counters
+
+if TYPE_CHECKING:
+    from train.engine.backends import Backend
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +225,7 @@ def decide_for_run(
     inputs: Inputs,
     regression: bool,
     train_rows: int,
+    backend: Backend,
 ) -> Decision:
     """:func:`decide` for a real run: its planned steps and the compile cache's state for its compile key.
 
@@ -228,9 +233,8 @@ def decide_for_run(
     its state read; every rank takes the same path (one eager vote makes all ranks eager).
     """
     from train.engine import dist
-    from train.engine.backends import current
 
-    off, world = current().fast_path_off, layout.world
+    off, world = backend.fast_path_off, layout.world
     first = decide(cfg, acc.device, off, world)
     if not (first.enabled and first.compile):
         return first

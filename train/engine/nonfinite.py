@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from train.engine.backends.base import Backend
 from train.errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,11 @@ class Guard:
         precision: str,
         max_skips: int,
         last_checkpoint: Callable[[], object] = lambda: None,
-        backend=None,
+        backend: Backend | None = None,
     ):
-        """``backend``: train.engine.backends' Backend in use (default: the launched one)."""
-        from train.engine.backends import current
-
+        """``backend``: the run's Backend (default: the base one, whose engine leaves the optimizer step to us)."""
         self.acc, self.model, self.precision, self.max_skips = acc, model, precision, max_skips
-        backend = backend or current()
+        backend = backend or Backend()
         if max_skips > 0 and backend.owns_optimizer_step:
             raise ConfigError(
                 f"train.max_nonfinite_skips={max_skips} is not supported under {backend.name}: its engine owns the "

@@ -36,7 +36,6 @@ DISTRIBUTED = {
     "NO": "none (one process)",
     "MULTI_GPU": "multi-GPU (DDP)",
     "MULTI_CPU": "multi-CPU (DDP over gloo)",
-    "DEEPSPEED": "DeepSpeed",
 }
 PRECISION = {"bf16": "bf16 (mixed precision)", "fp16": "fp16 (mixed precision)", "no": "no (fp32)"}
 
@@ -163,16 +162,18 @@ def results_lines(task: Task, result: dict) -> list[str]:
 def hyperparameter_lines(cfg: dict, info: dict) -> list[str]:
     t, ev, data = cfg.get("train", {}), cfg.get("eval", {}), cfg.get("data", {})
     total = info.get("total_steps")
-    warmup = int(t.get("warmup_ratio", 0.0) * total) if total is not None else None  # as loop.build_scheduler
+    # as train/engine/build.py's build_scheduler
+    warmup = int(t.get("warmup_ratio", 0.0) * total) if total is not None else None
     dist = str(info.get("distributed_type", "")).rsplit(".", 1)[-1]
-    # run_info's "backend" is the backend's own title (train/engine/backends/): "DDP (2 processes, gloo backend)", ...
-    dist_text = info.get("backend") or DISTRIBUTED.get(dist, dist.lower() or "unknown")
-    ds = info.get("deepspeed") or {}  # the DeepSpeed backend's describe(): what it really ran with
-    offload = ds.get("config", {}).get("zero_optimization.offload_optimizer.device")
-    if offload and offload != "none":
-        dist_text += f", optimizer offloaded to {offload}"
-    name = ds.get("optimizer") or "AdamW"
-    optimizer = name if name == "AdamW" else f"{name} (AdamW math, DeepSpeed)"
+    # What the backend says of itself (train/engine/backends/: Backend.card); before run_info held that, its
+    # title ("DDP (2 processes, gloo backend)", ...), and before that Accelerate's distributed type.
+    backend = info.get("card") or {}
+    dist_text = (
+        backend.get("distributed_type")
+        or info.get("backend")
+        or DISTRIBUTED.get(dist, dist.lower() or "unknown")
+    )
+    optimizer = backend.get("optimizer") or "AdamW"
     precision = info.get("precision", cfg.get("precision"))
     pairs = [
         ("learning_rate", t.get("lr")),

@@ -12,10 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.data.metrics import METRICS
+from train.data.metrics import metrics_text
 from train.errors import DataError, guarded
-
-PRIMARY_ORDER = (*METRICS, "score", "loss")
 
 
 def _read(path: Path) -> Any:
@@ -23,12 +21,6 @@ def _read(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def metrics_text(split: dict) -> str:
-    """``accuracy 0.8123 · score 0.8123 · loss 0.4410``: a split's metrics, the task's numbers first."""
-    keys = [k for k in PRIMARY_ORDER if k in split] + sorted(k for k in split if k not in PRIMARY_ORDER)
-    return " · ".join(f"{k} {split[k]:.4f}" for k in keys if isinstance(split[k], (int, float)))
 
 
 def _eval_lines(label: str, entry: dict | None) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,13 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def count_matmul_params(model: torch.nn.Module, backend=None) -> int:
+class ParamCounter(Protocol):
+    """What counting needs of the run's backend (train/engine/backends/; this layer sits below it)."""
+
+    def param_numel(self, p: torch.Tensor) -> int: ...
+
+
+def count_matmul_params(model: torch.nn.Module, backend: ParamCounter | None = None) -> int:
     """Parameters outside embedding tables (lookups cost no FLOPs), as the backend holds them (ZeRO-3 shards
     report their full size)."""
     import torch
@@ -62,7 +68,9 @@ class Throughput:
     device: torch.device | None = None
 
     @classmethod
-    def of(cls, model, device, device_name: str, precision: str, world: int, backend=None) -> Throughput:
+    def of(
+        cls, model, device, device_name: str, precision: str, world: int, backend: ParamCounter | None = None
+    ) -> Throughput:
         peak = peak_flops(device_name, precision) if device.type == "cuda" else None
         return cls(6.0 * count_matmul_params(model, backend), peak, world, device)
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 from train.files import write_atomic
 from train.tracking import panels
-from train.tracking.throughput import Throughput
+from train.tracking.throughput import ParamCounter, Throughput
 from train.tracking.wandb_sink import WandbSink, resolve_wandb
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Tracker:
     ``ConfigError`` on every rank at construction, before any collective, so no rank is left waiting.
     """
 
-    def __init__(self, cfg: Config, out: Path, main: bool, backend=None):
+    def __init__(self, cfg: Config, out: Path, main: bool, backend: ParamCounter | None = None):
         self.cfg, self.out, self.main, self.backend = cfg, Path(out), main, backend
         self.jsonl = JsonlSink(self.out / "metrics.jsonl", main)
         self.settings = resolve_wandb(cfg, self.out)  # on every rank: the same error everywhere
@@ -122,12 +122,13 @@ class Tracker:
         device_name: str,
         precision: str,
         world: int,
-        any_rank: Callable[[bool], bool],
+        any_rank: Callable[[bool], bool] | None = None,
         run_info: dict[str, Any] | None = None,
     ) -> str | None:
         """Set up throughput figures (every rank) and the W&B run (main process). Returns the run id to keep
         in the training state: the checkpoint's one when resuming, a new one on a fresh start. ``any_rank``:
-        whether a flag is set on any rank (every rank stops when W&B failed on the main one)."""
+        whether a flag is set on any rank (every rank stops when W&B failed on the main one; default: this
+        process alone, as in a single-process run)."""
         from train.errors import ConfigError
 
         self.speed = Throughput.of(model, device, device_name, precision, world, self.backend)
@@ -144,7 +145,7 @@ class Tracker:
                 self.sinks.append(sink)
             except ConfigError as e:
                 error = e
-        if any_rank(error is not None):  # every rank stops, not only the one that ran wandb.init
+        if (any_rank or bool)(error is not None):  # every rank stops, not only the one that ran wandb.init
             raise error or ConfigError("W&B could not start on the main process (its error is printed there)")
         return run_id
 

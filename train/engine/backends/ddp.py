@@ -7,13 +7,18 @@ backends override where they differ; this class only names it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from train.engine.backends.base import Backend
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class DDP(Backend):
     name = "ddp"
 
-    def title(self, acc) -> str:
+    def title(self, acc: Accelerator) -> str:
         if acc.num_processes > 1:
             return f"DDP ({acc.num_processes} processes, {acc.state.backend or 'default'} backend)"
         return "single process"

@@ -24,14 +24,18 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from train.config import Config
 from train.engine import dist
 from train.engine.backends.base import Backend
 from train.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads this class's loggers before torch loads
+    import torch
+    from accelerate import Accelerator
+
+    from train.data.batches import Layout
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
@@ -218,6 +222,8 @@ def _raw_config(plugin) -> tuple[dict, str]:
 
 def _fused_adam(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     """DeepSpeed's fused Adam in AdamW mode (CPU Adam when the optimizer is offloaded)."""
+    import torch
+
     t = cfg.train
     kwargs: dict[str, Any] = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
     if offloads_optimizer(_plugin().deepspeed_config):
@@ -261,8 +267,9 @@ class DeepSpeed(Backend):
     name = "deepspeed"
     owns_optimizer_step = True
     fast_path_off = "DeepSpeed owns backward and the optimizer step (its engine is not compiled here)"
+    library_loggers = ("DeepSpeed",)
 
-    def make_accelerator(self, mixed_precision: str, accum: int, cuda: bool):
+    def make_accelerator(self, mixed_precision: str, accum: int, cuda: bool) -> Accelerator:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
@@ -284,10 +291,14 @@ class DeepSpeed(Backend):
             return _fused_adam(cfg, groups)
         return super().make_optimizer(cfg, groups)
 
-    def prepare(self, acc, cfg: Config, layout, *objects, precision: str | None = None):
+    def prepare(
+        self, acc: Accelerator, cfg: Config, layout: Layout, *objects: Any, precision: str | None = None
+    ) -> tuple:
         """``accelerator.prepare(*objects)``, with the DeepSpeed config filled from the run config first.
 
         ``precision``: what the run computes in (``cfg.precision`` may say ``auto``)."""
+        import torch
+
         if precision is not None and precision != cfg.precision:
             import dataclasses
 
@@ -307,7 +318,7 @@ class DeepSpeed(Backend):
         return prepared
 
     @staticmethod
-    def _check_engine(engine, cfg: Config, layout) -> None:
+    def _check_engine(engine, cfg: Config, layout: Layout) -> None:
         got = (
             engine.train_micro_batch_size_per_gpu(),
             engine.gradient_accumulation_steps(),
@@ -343,7 +354,7 @@ class DeepSpeed(Backend):
     # grad_norm: the engine has already clipped (``gradient_clipping``) inside its step; Accelerate's
     # clip_grad_norm_ returns the engine's pre-clip norm, so the base method is right as it is.
 
-    def describe(self, acc) -> dict | None:
+    def describe(self, acc: Accelerator) -> dict | None:
         """What DeepSpeed runs with, for ``run_info.json``."""
         wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
         if wrapped is None:
@@ -371,7 +382,20 @@ class DeepSpeed(Backend):
             "config": {k: _get(ds, k) for k in keys if _get(ds, k) is not None},
         }
 
-    def title(self, acc) -> str:
+    def title(self, acc: Accelerator) -> str:
         wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
         stage = wrapped.engine.zero_optimization_stage() if wrapped is not None else "?"
         return f"DeepSpeed ZeRO-{stage} ({acc.num_processes} processes)"
+
+    def card(self, acc: Accelerator) -> dict[str, str]:
+        """The title with where the optimizer runs when it is offloaded, and the optimizer class DeepSpeed steps."""
+        ds = self.describe(acc) or {}
+        text = self.title(acc)
+        offload = ds.get("config", {}).get("zero_optimization.offload_optimizer.device")
+        if offload and offload != "none":
+            text += f", optimizer offloaded to {offload}"
+        name = ds.get("optimizer") or "AdamW"
+        return {
+            "distributed_type": text,
+            "optimizer": name if name == "AdamW" else f"{name} (AdamW math, DeepSpeed)",
+        }

@@ -14,10 +14,16 @@ backend refuses that with an error instead; its equivalence with DDP is checked 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from train.engine.backends.base import Backend
 from train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from train.config import Config
+    from train.data.batches import Layout
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +76,7 @@ class FSDP(Backend):
     name = "fsdp"
     fast_path_off = "compiled steps under FSDP are untested here (no multi-GPU machine to test them on)"
 
-    def make_accelerator(self, mixed_precision: str, accum: int, cuda: bool):
+    def make_accelerator(self, mixed_precision: str, accum: int, cuda: bool) -> Accelerator:
         if not cuda:
             raise ConfigError(
                 "an FSDP launch (configs/accelerate/fsdp.yaml) needs GPUs: Accelerate runs FSDP only on a GPU-like "
@@ -85,7 +91,9 @@ class FSDP(Backend):
             )
         return acc
 
-    def prepare(self, acc, cfg, layout, *objects, precision: str | None = None):
+    def prepare(
+        self, acc: Accelerator, cfg: Config, layout: Layout, *objects: Any, precision: str | None = None
+    ) -> tuple:
         """``accelerator.prepare(*objects)``, one FSDP unit per layer class (:func:`layer_units`)."""
         import torch
 
@@ -103,7 +111,7 @@ class FSDP(Backend):
             plugin.transformer_cls_names_to_wrap = units
         return acc.prepare(*objects)
 
-    def describe(self, acc) -> dict[str, Any] | None:
+    def describe(self, acc: Accelerator) -> dict[str, Any] | None:
         plugin = getattr(acc.state, "fsdp_plugin", None)
         if plugin is None:
             return None
@@ -118,7 +126,7 @@ class FSDP(Backend):
         out["auto_wrap_policy"] = getattr(plugin.auto_wrap_policy, "__name__", str(plugin.auto_wrap_policy))
         return out
 
-    def title(self, acc) -> str:
+    def title(self, acc: Accelerator) -> str:
         plugin = getattr(acc.state, "fsdp_plugin", None)
         version = getattr(plugin, "fsdp_version", "?")
         return f"FSDP{version} ({acc.num_processes} processes)"

@@ -1,0 +1,186 @@
+"""Building what a run trains: tokenizer, model, data, optimizer and schedule, prepared by the backend.
+
+:func:`build` returns a :class:`Built`; the Run holds it as it is (train/engine/run.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from train.config import Config
+from train.data import batches, tokenized
+from train.engine.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
+from train.model.load import load_model, load_tokenizer, model_inputs
+from train.tasks import Split, Task
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from train.engine.backends import Backend
+
+
+@dataclass
+class Splits:
+    """The tokenized splits of a run (after data.max_*_samples) and their row counts."""
+
+    train: Any
+    dev: dict[Split, Any]
+    test: dict[Split, Any]
+    rows: dict[str, int]
+
+
+@dataclass
+class Data:
+    """The batch plan and the loaders of a run (train/data/), built once per start."""
+
+    train_rows: int
+    sampler: batches.PlanSampler
+    train_loader: Any
+    eval_loaders: dict[Split, Any]
+    test_loaders: dict[Split, Any]
+    rows: dict[str, int]  # split name -> rows used (after data.max_*_samples)
+
+
+@dataclass
+class Built:
+    """The model side of a run, prepared for the backend, and its data."""
+
+    tokenizer: Any
+    inputs: batches.Inputs  # the batch fields the model takes (train/model/load.py: model_inputs)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Data
+    total_steps: int
+    fast: FastPath  # the step functions: compiled on the fast path, else eager (train/engine/fastpath.py)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, backend: Backend) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            ndim = backend.param_ndim(p)  # e.g. sharded parameters are empty until gathered
+            (no_decay if ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return backend.make_optimizer(cfg, groups)  # torch's AdamW, or the backend's own kernel if configured
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Counted in optimizer steps; stepped by the loop exactly once per optimizer step on every rank."""
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.train.lr_scheduler == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator) -> Splits:
+    rows: dict[str, int] = {}
+
+    def split_ds(split: Split, limit: int | None):
+        ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer, acc.main_process_first)
+        ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+        rows[split.name] = len(ds)
+        return ds
+
+    train_ds = split_ds(task.split("train")[0], cfg.data.max_train_samples)
+    dev = {s: split_ds(s, cfg.data.max_eval_samples) for s in task.split("dev")}
+    test = {s: split_ds(s, None) for s in task.split("test")} if cfg.eval.predict_test else {}
+    return Splits(train_ds, dev, test, rows)
+
+
+def build_data(
+    cfg: Config,
+    task: Task,
+    splits: Splits,
+    inputs: batches.Inputs,
+    layout: batches.Layout,
+    acc: Accelerator,
+    buckets,
+) -> Data:
+    collate = batches.make_collator(inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=buckets)
+    pin = acc.device.type == "cuda"
+    lengths = batches.row_lengths(splits.train) if cfg.data.group_by_length else None
+    sampler = batches.PlanSampler(len(splits.train), layout, acc.process_index, cfg.seed, lengths)
+    loader = batches.train_loader(splits.train, sampler, collate, cfg.data.num_workers, pin)
+
+    def eval_dl(ds):
+        return batches.eval_loader(ds, cfg.eval.batch_size, collate, cfg.data.num_workers, pin)
+
+    evals = {s: eval_dl(ds) for s, ds in splits.dev.items()}
+    tests = {s: eval_dl(ds) for s, ds in splits.test.items()}
+    return Data(len(splits.train), sampler, loader, evals, tests, splits.rows)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    total = steps_per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    logits = logits.float()  # the loss in fp32 whatever the autocast dtype
+    if regression:
+        return (logits.squeeze(-1) - labels) ** 2
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def model_forward(model: torch.nn.Module, inputs: batches.Inputs):
+    """batch -> logits: the model on exactly the fields its tokenizer and ``forward`` agree on."""
+
+    def forward(batch: dict) -> torch.Tensor:
+        return model(**{k: batch[k] for k in inputs.model_keys}).logits
+
+    return forward
+
+
+def build(cfg: Config, task: Task, acc: Accelerator, layout: batches.Layout, backend: Backend) -> Built:
+    """Tokenizer, model, data, optimizer and schedule, prepared by the backend; the fast path compiled."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # same init on every rank
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, task, tokenizer)
+    inputs = model_inputs(tokenizer, model)  # before prepare: the signature of the unwrapped model
+    splits = load_splits(cfg, task, tokenizer, acc)
+    # fast path or eager, and why (logged by attach): device, backend, and whether compiling pays off
+    decision = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train), backend)
+    d = build_data(cfg, task, splits, inputs, layout, acc, decision.buckets)
+    total = total_steps(cfg, d.sampler.steps_per_epoch())
+    optimizer = build_optimizer(cfg, model, backend)
+    if decision.fused_adamw:
+        optimizer = use_fused_adamw(optimizer)
+    scheduler = build_scheduler(cfg, optimizer, total)
+    # The scheduler is not prepared: Accelerate would step it once per process per step.
+    # backend.prepare = acc.prepare, with the backend's own settings filled from the run config
+    loaders = [*d.eval_loaders.values(), *d.test_loaders.values()]
+    prepared = backend.prepare(acc, cfg, layout, model, optimizer, *loaders, precision=acc.mixed_precision)
+    model, optimizer, rest = prepared[0], prepared[1], list(prepared[2:])
+    d.eval_loaders = dict(zip(d.eval_loaders, rest[: len(d.eval_loaders)], strict=True))
+    d.test_loaders = dict(zip(d.test_loaders, rest[len(d.eval_loaders) :], strict=True))
+    acc.register_for_checkpointing(scheduler)
+    fast = attach(  # compiles every bucket shape up front
+        decision,
+        cfg=cfg,
+        acc=acc,
+        model=model,
+        optimizer=optimizer,
+        forward=model_forward(model, inputs),
+        loss=lambda logits, labels: per_sample_loss(logits, labels, task.is_regression),
+        inputs=inputs,
+        layout=layout,
+        regression=task.is_regression,
+        vocab=len(tokenizer),  # the ids the tokenizer can produce
+    )
+    return Built(tokenizer, inputs, model, optimizer, scheduler, d, total, fast)
