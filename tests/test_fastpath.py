@@ -246,7 +246,7 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
     model, rows = tiny
     lengths = (5, 20, 40)  # three distinct batch lengths, two buckets
 
-    def collated(buckets):
+    def bucketed(buckets):
         collate = batches.make_collator(batches.Inputs(), False, buckets=buckets)
         for n in lengths:
             cut = [
@@ -260,13 +260,13 @@ def test_compiled_shapes_are_bounded_by_the_buckets(tiny):
             yield collate(cut)
 
     fast = _fast(model, (32, 64))
-    for b in collated((32, 64)):
+    for b in bucketed((32, 64)):
         fast.eval_logits(b)
         fast.eval_logits(b)
     assert fast.shapes["eval"] == {(16, 32), (16, 64)}
     assert fast.graph_count() == 2 and fast.recompiles == 0  # one graph per bucket, no graph breaks
     unbucketed = _fast(model, None)
-    for b in collated(None):
+    for b in bucketed(None):
         unbucketed.eval_logits(b)
     assert unbucketed.graph_count() == len(lengths)  # the counter sees every new shape
 
@@ -373,9 +373,9 @@ def test_group_by_length_is_wired_into_the_loop(tmp_path):
     )
     run = loop.setup(cfg)
     try:
-        assert run.sampler.lengths is not None and len(run.sampler.lengths) == 512
-        assert not run.fast.compiled  # CPU, auto: eager
-        run.total_steps = 2
+        assert run.built.data.sampler.lengths is not None and len(run.built.data.sampler.lengths) == 512
+        assert not run.built.fast.compiled  # CPU, auto: eager
+        run.built.total_steps = 2
         _direct_steps(run)
         loop.train_one_epoch(run)
         assert run.state.global_step == 2
@@ -390,7 +390,7 @@ def _losses_in_process(
 ) -> list:
     from accelerate.state import AcceleratorState, GradientState
 
-    from train.engine import loop
+    from train.engine import build, loop
 
     if cudagraph_grads:  # the CUDA-graph gradient policy (kept, accumulated in place), exercised on CPU
         real = fastpath.decide_for_run
@@ -400,7 +400,7 @@ def _losses_in_process(
             d.cudagraphs = True
             return d
 
-        monkeypatch.setattr(loop, "decide_for_run", decide)
+        monkeypatch.setattr(build, "decide_for_run", decide)
     cfg = load_config(
         SMOKE,
         [
@@ -417,8 +417,8 @@ def _losses_in_process(
     )
     run = loop.setup(cfg)
     try:
-        assert run.fast.set_to_none is not cudagraph_grads
-        run.total_steps = 6
+        assert run.built.fast.set_to_none is not cudagraph_grads
+        run.built.total_steps = 6
         _direct_steps(run)
         loop.train_one_epoch(run)
     finally:
@@ -629,8 +629,8 @@ def test_gpu_no_host_sync_inside_the_step(tmp_path):
         ],
     )
     run = loop.setup(cfg)
-    assert run.fast.decision.cudagraphs
-    run.total_steps = 3
+    assert run.built.fast.decision.cudagraphs
+    run.built.total_steps = 3
     _direct_steps(run)
     loop.train_one_epoch(run)  # warm-up; logs (a sync) at its last step
 
@@ -644,11 +644,11 @@ def test_gpu_no_host_sync_inside_the_step(tmp_path):
                     return
                 yield b
 
-    run.train_loader, run.total_steps = Five(run.train_loader), 10_000
+    run.built.data.train_loader, run.built.total_steps = Five(run.built.data.train_loader), 10_000
     torch.cuda.set_sync_debug_mode("error")
     try:
         loop.train_one_epoch(run)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert run.state.global_step == 8
-    assert run.fast.recompiles == 0
+    assert run.built.fast.recompiles == 0
