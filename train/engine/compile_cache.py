@@ -157,7 +157,7 @@ def environment_parts() -> dict[str, Any]:
         "python": platform.python_version(),
         "triton": version("triton") or version("pytorch-triton"),
         "cuda": torch.version.cuda,
-        "launcher": launched(),  # DDP, FSDP and DeepSpeed wrap the model differently
+        "launcher": launched(),  # each backend wraps the model differently
         "compile_env": env,
     }
 
