@@ -1,4 +1,4 @@
-"""Every bad input of issue 6 (1-14) ends in ONE clear error: exit code 2, ``error: ...`` on stderr naming the
+"""Every bad input named so far ends in ONE clear error: exit code 2, ``error: ...`` on stderr naming the
 key / file / line and what to do, no traceback, and nothing left in output_dir that looks finished.
 
 The real program runs as a subprocess for each case; the cases run three at a time (they are mostly

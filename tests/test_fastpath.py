@@ -1,4 +1,4 @@
-"""The fast path (issue 7) on CPU: compiled == eager, bucketing keeps the logits, shapes are bounded, sampler.
+"""The fast path on CPU: compiled == eager, bucketing keeps the logits, shapes are bounded, sampler.
 
 Compiled runs use ``fast.backend=aot_eager`` (dynamo + AOTAutograd graphs, run with eager kernels: the same
 capture and backward graph as inductor, without minutes of C++ code generation on 2 cores); the inductor
@@ -333,7 +333,7 @@ def test_compiled_training_matches_eager(tmp_path):
         ev[0]["final"]["splits"]["validation"]["accuracy"]
         == ev[1]["final"]["splits"]["validation"]["accuracy"]
     )
-    # run_info.json: what compiling cost, and where the shared compile cache is (issue 16)
+    # run_info.json: what compiling cost, and where the shared compile cache is
     eager_info, fast_info = (
         json.loads((tmp_path / d / "run_info.json").read_text()) for d in ("eager", "fast")
     )

@@ -1,4 +1,4 @@
-"""Never lose a user's work; answer bad input with one clear sentence (issue 12).
+"""Never lose a user's work; answer bad input with one clear sentence.
 
 Every case runs the real program (``python -m train``: forked from the warm test interpreter, or a fresh process
 where signals or the environment need one) on the bundled tiny model and sample, and checks the exit code, the

@@ -1,4 +1,4 @@
-"""What a person sees after a run (issue 13): model cards, curves.png, the Hub push, W&B panels beyond scalars.
+"""What a person sees after a run: model cards, curves.png, the Hub push, W&B panels beyond scalars.
 
 Two real runs, shared by the module: MNLI on the hand-made fixture files (3 classes, two dev splits, sentence pairs)
 with offline W&B as a sweep's run, and MRPC on the bundled sample (two metrics, so a ``score`` panel) without W&B.

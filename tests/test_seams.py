@@ -239,7 +239,7 @@ def test_help_does_not_import_torch():
 
 
 def test_the_contract_names_every_module():
-    """docs/CONTRACT.md covers every module and package of train/ (issue 15), and says where to add things."""
+    """docs/CONTRACT.md covers every module and package of train/, and says where to add things."""
     text = (REPO / "docs" / "CONTRACT.md").read_text()
     missing = []
     for path in TRAIN.rglob("*.py"):
@@ -252,3 +252,32 @@ def test_the_contract_names_every_module():
     assert not missing, f"docs/CONTRACT.md does not name: {missing}"
     for thing in ("a GLUE-like task", "a metric", "a model family", "a backend"):
         assert f"**{thing}**" in text
+
+
+HISTORY = re.compile(
+    r"\b" + "iss" + r"ues?\s*#?\d+", re.IGNORECASE
+)  # spelled apart: this file is scanned too
+CODE_SUFFIXES = {".py", ".sh", ".sbatch", ".yaml", ".yml", ".toml"}
+
+
+def test_no_history_in_the_code():
+    """Why a line exists is said in the line's comment; which ticket asked for it lives in git, not the code."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    found = [
+        f"{path}:{n}: {line.strip()}"
+        for path in tracked.stdout.split()
+        if Path(path).suffix in CODE_SUFFIXES or path.startswith((".ci/", "launch/", "slurm/"))
+        for n, line in enumerate((REPO / path).read_text(errors="replace").splitlines(), 1)
+        if HISTORY.search(line)
+    ]
+    assert found == [], "\n".join(found)
+
+
+def test_every_module_says_its_job_first():
+    """Each module of train/ opens with a docstring whose first line says its one job."""
+    silent = [
+        str(p.relative_to(REPO))
+        for p in sorted((REPO / "train").rglob("*.py"))
+        if p.stat().st_size and not (ast.get_docstring(ast.parse(p.read_text())) or "").strip()
+    ]
+    assert silent == []

@@ -209,4 +209,4 @@ def test_every_task_shape_end_to_end(task, files, metrics, tmp_path):
         if task == "stsb":
             assert all(0.0 <= float(p.split("\t")[1]) <= 5.0 for p in preds)
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == sorted(files)
-    assert_card_and_curves_match(tmp_path)  # issue 13: model cards and curves.png of every task shape
+    assert_card_and_curves_match(tmp_path)  # model cards and curves.png of every task shape

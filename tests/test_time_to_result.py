@@ -1,4 +1,4 @@
-"""Time to result (issue 16): one shared compile cache, what compiling cost, the ``auto`` rule, end-to-end bench.
+"""Time to result: one shared compile cache, what compiling cost, the ``auto`` rule, end-to-end bench.
 
 Fast tests: the ``auto`` rule as a pure function (fed ``cuda`` inputs: on this CPU ``auto`` is off anyway),
 the cache folder and its records (run_info.json's ``compile_s``/``compile_cache`` of real eager and aot_eager

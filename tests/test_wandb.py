@@ -1,4 +1,4 @@
-"""W&B tracking (issue 5), offline only: what the real program writes into W&B's own run files.
+"""W&B tracking, offline only: what the real program writes into W&B's own run files.
 
 wandb 0.31 writes offline runs only as the binary ``run-<id>.wandb`` (a LevelDB-style log of protobuf
 ``Record`` messages, no summary json). ``read_wandb_file`` below parses it; it relies on wandb internals, so

@@ -1,3 +1,5 @@
+"""``python -m train ARGS``: the same as ``glue-train ARGS`` (a command, else ``train``)."""
+
 import sys
 
 from train.cli import main

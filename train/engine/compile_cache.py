@@ -1,4 +1,4 @@
-"""One compile cache per machine or sweep (issue 16): where torch.compile keeps its work, and what it cost.
+"""One compile cache per machine or sweep: where torch.compile keeps its work, and what it cost.
 
 Compiling the fast path's shapes takes minutes on a cold cache and seconds on a warm one (CPU, tiny model:
 333 s -> 23 s). torch keeps its caches in each machine's ``/tmp`` by default, so on a cluster every node

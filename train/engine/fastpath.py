@@ -1,4 +1,4 @@
-"""The fast path (issue 7): compiled, CUDA-graphed steps over bucketed padding, with fused AdamW.
+"""The fast path: compiled, CUDA-graphed steps over bucketed padding, with fused AdamW.
 
 At effective batch 16, BERT fine-tuning is bound by per-step overhead (kernel launches, Python, host-device
 syncs), not by FLOPs. On CUDA (under a backend that allows it) this module, when ``fast.enabled`` allows it:
@@ -23,7 +23,7 @@ which is how the CPU tests check the compiled graphs against eager.
 Bucketed padding does not change the math for the real tokens: padded key positions get an additive
 ``-inf``-like mask and the classifier reads position 0 only; ``tests/test_fastpath.py`` checks it.
 
-Time to result (issue 16): compiling costs minutes with a cold cache, seconds with a warm one, and the compiled
+Time to result: compiling costs minutes with a cold cache, seconds with a warm one, and the compiled
 step saves tens of milliseconds per step, so for a short run on a cold cache the eager loop reaches its results
 first. ``fast.enabled=auto`` weighs the two (:func:`auto_pays_off`) with the run's planned optimizer steps and
 the state of the shared compile cache (train/engine/compile_cache.py), logs the reason, and takes the eager step when
@@ -438,7 +438,7 @@ class FastPath:
         return {"perf/compiled_graphs": self.graph_count(), "perf/recompiles": self.recompiles}
 
     def run_info(self) -> dict:
-        """run_info.json's ``fast_path``, ``compile_s`` and ``compile_cache`` (issue 16)."""
+        """run_info.json's ``fast_path``, ``compile_s`` and ``compile_cache``."""
         d = self.decision
         if not self.compiled:
             return {"fast_path": d.describe(), "compile_s": 0.0, "compile_cache": None}
