@@ -227,15 +227,42 @@ def test_the_loop_is_only_a_loop():
 
 
 def test_help_does_not_import_torch():
+    """``glue-train --help`` lists every command, and each command's ``--help`` answers without torch."""
+    from train.cli import COMMANDS
+
     probe = (
-        "import sys\nfrom train.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom train.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "config keys" in proc.stdout and proc.stdout.strip().endswith("HEAVY []"), proc.stdout[-500:]
+    for argv in (["--help"], *([name, "--help"] for name in COMMANDS)):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, (argv, proc.stderr)
+        assert proc.stdout.strip().endswith("HEAVY []"), (argv, proc.stdout[-500:])
+        assert "usage:" in proc.stdout, (argv, proc.stdout[-500:])
+        if argv == ["--help"]:
+            assert "config keys" in proc.stdout
+            assert all(f"  {name} " in proc.stdout for name in COMMANDS), proc.stdout
+
+
+def test_every_error_class_is_a_user_error_in_errors_py():
+    """One place for the program's error classes, all answered by the one boundary (exit 2, one paragraph)."""
+    from train import errors
+
+    elsewhere = [
+        f"{p.relative_to(REPO)}: {node.name}"
+        for p in TRAIN.rglob("*.py")
+        if p.name != "errors.py"
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and any(getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases)
+        and not any(getattr(b, "id", "") == "BaseException" for b in node.bases)  # control flow, like Ctrl-C
+    ]
+    assert elsewhere == []
+    ours = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert {c.__module__ for c in ours} == {"train.errors"}
+    assert all(issubclass(c, errors.UserError) for c in ours if c is not errors.UserError), ours
 
 
 def test_the_contract_names_every_module():

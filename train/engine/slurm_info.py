@@ -77,8 +77,12 @@ def _append(out: Path, start: dict) -> Path:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="glue-train slurm-info", add_help=False)
-    parser.add_argument("--config", action="append", default=[])
+    parser = argparse.ArgumentParser(
+        prog="glue-train slurm-info",
+        description="Record this SLURM job start in the run folder the training arguments name "
+        "(the sbatch scripts call it with the job's own arguments).",
+    )
+    parser.add_argument("--config", action="append", default=[], help="as for glue-train train")
     known, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     out = run_folder(load_config(known.config, overrides))

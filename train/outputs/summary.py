@@ -7,6 +7,7 @@ same at the end of training, on a rerun of a finished run, and for any run folde
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -101,13 +102,14 @@ def lines(run_dir: str | Path) -> list[str]:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not (Path(args[0]) / "eval_results.json").is_file():
+    parser = argparse.ArgumentParser(prog="glue-train summary", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (with eval_results.json)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not (args.run_dir / "eval_results.json").is_file():
         raise DataError(
-            "usage: glue-train summary RUN_DIR (a finished run folder, with eval_results.json)"
-            + (f"; {args[0]} has no eval_results.json" if len(args) == 1 else "")
+            f"{args.run_dir} has no eval_results.json: give a finished run folder (glue-train summary RUN_DIR)"
         )
-    print("\n".join(lines(args[0])))
+    print("\n".join(lines(args.run_dir)))
     return 0
 
 

@@ -387,8 +387,8 @@ def visible_gpus() -> list[str]:
         return []
 
 
-class Stop(Exception):
-    """SIGTERM to the sweep: stop the children cleanly."""
+class Stop(BaseException):
+    """SIGTERM to the sweep: stop the children cleanly (like KeyboardInterrupt, not an error to catch)."""
 
 
 def _raise_stop(signum, frame) -> None:  # noqa: ARG001
