@@ -16,8 +16,10 @@ def readme_commands() -> list[str]:
 
 
 def test_two_setup_commands_and_ci_runs_the_test_one():
-    smoke, tests = readme_commands()
-    assert smoke.endswith("python -m train --config configs/smoke.yaml")
+    first, tests = readme_commands()
+    assert first.endswith(
+        "pip install torch==2.13.0 -e '.[demo]' && glue-train train --config configs/first-run.yaml"
+    )
     tail = tests.split("activate && ", 1)[1]
     assert tail.startswith("pip install") and "pytest" in tail
     assert tail in (REPO / ".ci" / "run").read_text()

