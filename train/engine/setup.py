@@ -55,7 +55,7 @@ def setup(cfg: Config, hooks: Hooks | None = None) -> Run | None:
     precision = acc.mixed_precision  # what the run computes in: no, bf16 or fp16 (cfg.precision may say auto)
     max_skips = cfg.train.max_nonfinite_skips
     guard = Guard(acc, built.model, precision, max_skips, partial(checkpoint.newest, start.out), backend)
-    checkpointer = Checkpointer(cfg, acc, backend, start.out, guard)
+    checkpointer = Checkpointer(cfg, acc, backend, start.out, guard, built.scheduler, built.data.sources)
     state, resumed = checkpointer.restore(start)  # after compiling: the RNG states are the checkpoint's
     tracker.rewind(state.global_step)
     run = Run(

@@ -1,0 +1,160 @@
+"""Reading a checkpoint without running code from it: the states it holds as JSON, every tensor file weights-only.
+
+A pickle runs whatever its file says when it is loaded, and a checkpoint folder can come from anywhere (a
+copied run folder, a handed-over one; its ``files.json`` is written by whoever wrote the folder, so it vouches for
+nothing). So:
+
+- the program's own states are JSON: the random generators of each rank (``rng_state_<rank>.json``, instead of
+  Accelerate's ``random_states_<rank>.pkl``) and, in ``trainer_state.json``, the LR schedule (instead of
+  Accelerate's ``custom_checkpoint_0.pkl``);
+- while a checkpoint is restored (:func:`weights_only`), every ``torch.load`` (Accelerate's, a backend engine's,
+  ours) runs with ``weights_only=True``, whatever the caller asked for: tensors and plain data only, plus the data
+  classes a backend names (``Backend.checkpoint_classes``). A file that holds anything else is not loaded and
+  names itself in a :class:`~train.errors.CheckpointError`, also where a library would swallow the failure
+  (Accelerate ignores a random-state file it cannot load).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from train.errors import CheckpointError
+
+RNG_FILE = "rng_state_{}.json"
+ACCELERATE_RNG_FILE = "random_states_{}.pkl"  # Accelerate's (removed at save; read from old checkpoints)
+OLD_SCHEDULER_FILE = "custom_checkpoint_0.pkl"  # the schedule in checkpoints written before it was JSON
+ADVICE = (
+    "Delete that checkpoint folder to resume from the previous one, point checkpoint.resume at another "
+    "checkpoint, or set checkpoint.resume=never to start over"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# random generators
+
+
+def rng_states(acc) -> dict[str, Any]:
+    """This process's generators (Python, NumPy, torch CPU and CUDA) and Accelerate's step counter, as JSON."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+        "accelerator_step": int(acc.step),  # decides where gradient accumulation syncs
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def save_rng(acc, folder: Path) -> None:
+    """Every rank: its generators into ``rng_state_<rank>.json``; Accelerate's pickle of them is removed."""
+    folder = Path(folder)
+    i = acc.process_index
+    (folder / RNG_FILE.format(i)).write_text(json.dumps(rng_states(acc)))
+    (folder / ACCELERATE_RNG_FILE.format(i)).unlink(missing_ok=True)
+
+
+def restore_rng(acc, folder: Path) -> None:
+    """Every rank: the inverse of :func:`save_rng`. A checkpoint written before the JSON file existed had its
+    generators restored by Accelerate (weights-only, under :func:`weights_only`)."""
+    import numpy as np
+    import torch
+
+    folder = Path(folder)
+    path = folder / RNG_FILE.format(acc.process_index)
+    if not path.is_file():
+        if (folder / ACCELERATE_RNG_FILE.format(acc.process_index)).is_file():
+            return
+        raise CheckpointError(
+            f"checkpoint file {path} is missing (the random generators of this rank). {ADVICE}"
+        )
+    try:
+        s = json.loads(path.read_text())
+        version, internal, gauss = s["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.tensor(x, dtype=torch.uint8) for x in s["cuda"]])
+        acc.step = int(s["accelerator_step"])
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} cannot be read ({type(e).__name__}: {str(e)[:200]}). {ADVICE}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every torch.load weights-only
+
+
+def _name(f: Any) -> str:
+    if isinstance(f, (str, Path)):
+        return str(f)
+    return str(getattr(f, "name", f"a stream ({type(f).__name__})"))
+
+
+def _why(e: BaseException) -> str:
+    import pickle
+
+    text = " ".join(str(e).split())
+    if isinstance(e, pickle.UnpicklingError):
+        found = text.find("Unsupported global")
+        detail = text[found : found + 120].split(" was not")[0] if found >= 0 else text[:160]
+        return f"it holds more than tensors and plain data ({detail}), and loading it could run code"
+    return f"it cannot be read ({type(e).__name__}: {text[:200]})"
+
+
+@contextmanager
+def weights_only(classes: Sequence[type] = ()) -> Iterator[None]:
+    """While a checkpoint is restored: every ``torch.load`` weights-only (``classes`` allowed besides tensors
+    and plain data). The first file that fails is raised as a CheckpointError naming it, at the failure or, when
+    the caller swallowed it, at the end of the block."""
+    import torch
+
+    original = torch.load
+    failed: list[CheckpointError] = []
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True  # whatever the caller asked for
+        kwargs.pop("pickle_module", None)  # weights-only loading has its own unpickler
+        try:
+            with torch.serialization.safe_globals(list(classes)):
+                return original(f, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure to load is this file's, and named
+            error = CheckpointError(f"checkpoint file {_name(f)} is not loaded: {_why(e)}. {ADVICE}")
+            failed.append(error)
+            raise error from None
+
+    torch.load = load
+    try:
+        yield
+    except Exception:
+        if failed:  # a library may wrap the failure in its own words: the file's error is the one to show
+            raise failed[0] from None
+        raise
+    finally:
+        torch.load = original
+    if failed:  # swallowed by the caller (Accelerate ignores a random-state file it cannot load)
+        raise failed[0]
+
+
+def old_scheduler_state(folder: Path) -> dict | None:
+    """The LR schedule of a checkpoint written before it was saved as JSON (weights-only; None if absent)."""
+    import torch
+
+    path = Path(folder) / OLD_SCHEDULER_FILE
+    if not path.is_file():
+        return None
+    with weights_only():
+        return torch.load(path, map_location="cpu")
