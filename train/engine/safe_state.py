@@ -131,6 +131,9 @@ def weights_only(classes: Sequence[type] = ()) -> Iterator[None]:
         try:
             with torch.serialization.safe_globals(list(classes)):
                 return original(f, *args, **kwargs)
+        except FileNotFoundError:
+            raise  # nothing was read; where a file is required, its caller says so (Accelerate's random-state
+            # file is not: this program's own is rng_state_<rank>.json, checked by restore_rng)
         except Exception as e:  # noqa: BLE001 - any failure to load is this file's, and named
             error = CheckpointError(f"checkpoint file {_name(f)} is not loaded: {_why(e)}. {ADVICE}")
             failed.append(error)
