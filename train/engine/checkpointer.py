@@ -50,10 +50,11 @@ class Checkpointer:
         if path is None:
             self.state = TrainState()
             return self.state, f"fresh ({start.reason})"
-        saved = checkpoint.load(self.acc, path, self.backend)
-        schedule = saved.get("scheduler") or safe_state.old_scheduler_state(path)
+        with safe_state.old_schedule(self.acc, self.scheduler, path) as old:
+            saved = checkpoint.load(self.acc, path, self.backend)
         try:
-            self.scheduler.load_state_dict(dict(schedule))
+            if not old:
+                self.scheduler.load_state_dict(dict(saved["scheduler"]))
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(
                 f"checkpoint {path}: {checkpoint.STATE} holds no usable LR schedule ({type(e).__name__}: {e}). "

@@ -152,12 +152,16 @@ def weights_only(classes: Sequence[type] = ()) -> Iterator[None]:
         raise failed[0]
 
 
-def old_scheduler_state(folder: Path) -> dict | None:
-    """The LR schedule of a checkpoint written before it was saved as JSON (weights-only; None if absent)."""
-    import torch
-
-    path = Path(folder) / OLD_SCHEDULER_FILE
-    if not path.is_file():
-        return None
-    with weights_only():
-        return torch.load(path, map_location="cpu")
+@contextmanager
+def old_schedule(acc, scheduler, folder: Path) -> Iterator[bool]:
+    """A checkpoint written before the schedule was JSON holds it in ``custom_checkpoint_0.pkl``, which
+    Accelerate loads (weights-only, under :func:`weights_only`) only into a registered object: registered for
+    the load only, so that no save pickles it again. Yields whether the folder has that file."""
+    old = (Path(folder) / OLD_SCHEDULER_FILE).is_file()
+    if old:
+        acc.register_for_checkpointing(scheduler)
+    try:
+        yield old
+    finally:
+        if old:
+            acc._custom_objects.remove(scheduler)  # Accelerate has no public way to unregister
