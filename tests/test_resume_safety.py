@@ -365,3 +365,37 @@ def test_the_report_calls_a_run_with_damaged_results_damaged(finished, tmp_path)
         f"`sst2-s2` (sst2, seed {seed}): **damaged**: eval_results.json cannot be read"
         in (tmp_path / "out" / "results.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_deepspeeds_own_checkpoint_files_run_no_code(tmp_path):
+    """DeepSpeed's engine loads its files with ``weights_only=False``; while a checkpoint is restored every load
+    is weights-only (its data classes allowed), so a payload in one of them is named, not run."""
+    from conftest import accelerate_cmd
+
+    def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = ["--config", str(SMOKE), f"output_dir={out}", "precision=no", "train.per_device_batch_size=4"]
+        args += ["data.max_train_samples=64", "data.max_eval_samples=16", "eval.predict_test=false"]
+        args += ["train.max_steps=2", "checkpoint.every_steps=2", *extra]
+        cmd = accelerate_cmd(["--config_file", str(REPO / "configs" / "accelerate" / "zero2.yaml")], 2, args)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    first = launch(tmp_path / "run")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    resumed = launch(tmp_path / "again", f"checkpoint.resume={ckpt}")  # intact: loads weights-only
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr + resumed.stdout, resumed.stderr[
+        -3000:
+    ]
+    marker = tmp_path / "code-ran"
+    shards = sorted(ckpt.rglob("*optim_states.pt"))
+    assert shards
+    for shard in shards:
+        _poison(shard, marker, zipped=True)
+    forge_manifest(ckpt)
+    proc = launch(tmp_path / "new", f"checkpoint.resume={ckpt}")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "optim_states.pt is not loaded" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert not marker.exists()
