@@ -399,3 +399,76 @@ def test_deepspeeds_own_checkpoint_files_run_no_code(tmp_path):
     assert proc.returncode != 0 and "optim_states.pt is not loaded" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert not marker.exists()
+
+
+DCP_SCRIPT = """
+import os, pickle, sys
+import torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import filesystem
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from train.engine import safe_state
+from train.errors import CheckpointError
+
+folder, marker, control = sys.argv[1:4]
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (1,))
+
+def sharded():  # as FSDP2 holds them: DTensors, and the optimizer's state
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    return {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in msd.items()}, osd
+
+msd, osd = sharded()
+dcp.save({"model": msd, "optimizer": osd}, storage_writer=dcp.FileSystemWriter(folder))
+into, into_opt = sharded()
+for v in into.values():
+    v.to_local().zero_()
+with safe_state.weights_only():
+    dcp.load({"model": into, "optimizer": into_opt}, storage_reader=dcp.FileSystemReader(folder))
+assert all(torch.equal(into[k].full_tensor(), msd[k].full_tensor()) for k in msd)
+print("intact: loaded")
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+with open(os.path.join(folder, ".metadata"), "wb") as fh:
+    pickle.dump(Payload(marker), fh)
+try:
+    with safe_state.weights_only():
+        dcp.load({"model": into}, storage_reader=dcp.FileSystemReader(folder))
+except CheckpointError as e:
+    print("refused:", e)
+with open(control, "wb") as fh:  # the control: torch's reader without the guard runs the payload
+    pickle.dump(Payload(control + ".ran"), fh)
+with open(control, "rb") as fh:
+    filesystem.pickle.load(fh)
+"""
+
+
+def test_fsdps_sharded_checkpoint_metadata_runs_no_code(tmp_path):
+    """FSDP's sharded state goes through torch's distributed checkpoint, which reads ``.metadata`` with plain
+    pickle: under the guard only its data classes load (a real DTensor checkpoint, one gloo process)."""
+    import sys
+
+    from conftest import free_port
+
+    marker, control = tmp_path / "code-ran", tmp_path / "control.pkl"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}
+    env.update(WORLD_SIZE="1", PYTHONPATH=str(REPO))
+    args = [sys.executable, "-c", DCP_SCRIPT, str(tmp_path / "ckpt"), str(marker), str(control)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "intact: loaded" in proc.stdout
+    assert f"refused: checkpoint file {tmp_path / 'ckpt' / '.metadata'} is not loaded" in proc.stdout
+    assert not marker.exists()
+    assert Path(str(control) + ".ran").exists()  # the same payload unguarded: the test can fail

@@ -9,9 +9,11 @@ nothing). So:
   Accelerate's ``custom_checkpoint_0.pkl``);
 - while a checkpoint is restored (:func:`weights_only`), every ``torch.load`` (Accelerate's, a backend engine's,
   ours) runs with ``weights_only=True``, whatever the caller asked for: tensors and plain data only, plus the data
-  classes a backend names (``Backend.checkpoint_classes``). A file that holds anything else is not loaded and
-  names itself in a :class:`~train.errors.CheckpointError`, also where a library would swallow the failure
-  (Accelerate ignores a random-state file it cannot load).
+  classes a backend names (``Backend.checkpoint_classes``); torch's distributed-checkpoint reader (FSDP's sharded
+  state), which reads its ``.metadata`` with plain ``pickle``, gets an unpickler that allows only that metadata's
+  data classes. A file that holds anything else is not loaded and names itself in a
+  :class:`~train.errors.CheckpointError`, also where a library would swallow the failure (Accelerate ignores a
+  random-state file it cannot load).
 """
 
 from __future__ import annotations
@@ -108,18 +110,87 @@ def _why(e: BaseException) -> str:
     import pickle
 
     text = " ".join(str(e).split())
-    if isinstance(e, pickle.UnpicklingError):
+    if isinstance(e, pickle.UnpicklingError) or "Unsupported global" in text:
         found = text.find("Unsupported global")
         detail = text[found : found + 120].split(" was not")[0] if found >= 0 else text[:160]
         return f"it holds more than tensors and plain data ({detail}), and loading it could run code"
     return f"it cannot be read ({type(e).__name__}: {text[:200]})"
 
 
+class _DataOnly:
+    """Allows only the data classes of torch's distributed-checkpoint metadata (FSDP's sharded checkpoints)."""
+
+    MODULES = {"torch.distributed.checkpoint.metadata"}  # dataclasses and enums only, checked below
+    NAMES = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+
+    @classmethod
+    def find_class(cls, module: str, name: str) -> Any:
+        import enum
+        import importlib
+        import pickle
+
+        import torch
+
+        # only modules named here are looked into (importing another could run its code)
+        if "." not in name and (module in cls.MODULES or (module, name) in cls.NAMES or module == "torch"):
+            value = getattr(importlib.import_module(module), name, None)
+            plain = isinstance(value, type) and (
+                hasattr(value, "__dataclass_fields__") or issubclass(value, enum.Enum)
+            )
+            if (module in cls.MODULES and plain) or (module, name) in cls.NAMES:
+                return value
+            if module == "torch" and isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+class _RestrictedPickle:
+    """``pickle`` for a module that reads checkpoint metadata with it: ``load``/``loads`` allow data only; a
+    failure is named, and kept in ``failed`` (torch's reader wraps it in its own words)."""
+
+    def __init__(self, failed: list[CheckpointError]):
+        self.failed = failed
+
+    def __getattr__(self, name: str) -> Any:
+        import pickle
+
+        return getattr(pickle, name)
+
+    def load(self, file, **kwargs) -> Any:
+        import pickle
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                return _DataOnly.find_class(module, name)
+
+        try:
+            return Unpickler(file, **kwargs).load()
+        except Exception as e:  # noqa: BLE001 - named like a torch.load failure
+            error = CheckpointError(f"checkpoint file {_name(file)} is not loaded: {_why(e)}. {ADVICE}")
+            self.failed.append(error)
+            raise error from None
+
+    def loads(self, data: bytes, **kwargs) -> Any:
+        import io
+
+        return self.load(io.BytesIO(data), **kwargs)
+
+
 @contextmanager
 def weights_only(classes: Sequence[type] = ()) -> Iterator[None]:
     """While a checkpoint is restored: every ``torch.load`` weights-only (``classes`` allowed besides tensors
-    and plain data). The first file that fails is raised as a CheckpointError naming it, at the failure or, when
-    the caller swallowed it, at the end of the block."""
+    and plain data), and torch's distributed-checkpoint reader (FSDP's sharded state; it reads ``.metadata``
+    with plain ``pickle.load``) limited to its metadata's data classes. The first file that fails is raised as
+    a CheckpointError naming it, at the failure or, when the caller swallowed it, at the end of the block."""
     import torch
 
     original = torch.load
@@ -139,17 +210,33 @@ def weights_only(classes: Sequence[type] = ()) -> Iterator[None]:
             failed.append(error)
             raise error from None
 
+    dcp = _dcp_filesystem()
     torch.load = load
+    if dcp is not None:
+        dcp.pickle = _RestrictedPickle(failed)
     try:
         yield
-    except Exception:
-        if failed:  # a library may wrap the failure in its own words: the file's error is the one to show
-            raise failed[0] from None
+    except BaseException as e:  # torch's distributed checkpoint wraps failures in a BaseException
+        if failed and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise failed[0] from None  # the file's error, not the library's words for it
         raise
     finally:
         torch.load = original
+        if dcp is not None:
+            import pickle
+
+            dcp.pickle = pickle
     if failed:  # swallowed by the caller (Accelerate ignores a random-state file it cannot load)
         raise failed[0]
+
+
+def _dcp_filesystem():
+    """torch's distributed-checkpoint file reader module, where torch has it (None otherwise)."""
+    try:
+        from torch.distributed.checkpoint import filesystem
+    except ImportError:
+        return None
+    return filesystem if hasattr(filesystem, "pickle") else None
 
 
 @contextmanager
