@@ -398,8 +398,9 @@ def test_deepspeeds_own_checkpoint_files_run_no_code(tmp_path):
     text = proc.stdout + proc.stderr
     errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "optim_states.pt is not loaded" in errors[0], text[-3000:]
-    # both workers exit 2 without a traceback of their own (the launcher then prints its ChildFailedError)
-    assert proc.returncode != 0 and text.count("exitcode  : 2") == 2, text[-3000:]
+    # the first worker to stop exits 2 without a traceback of its own (the launcher then ends the other and
+    # prints its ChildFailedError)
+    assert proc.returncode != 0 and "failed (exitcode: 2)" in text, text[-3000:]
     assert text.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in text, text[-3000:]
     assert not marker.exists()
 
