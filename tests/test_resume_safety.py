@@ -370,7 +370,8 @@ def test_the_report_calls_a_run_with_damaged_results_damaged(finished, tmp_path)
 @pytest.mark.slow
 def test_deepspeeds_own_checkpoint_files_run_no_code(tmp_path):
     """DeepSpeed's engine loads its files with ``weights_only=False``; while a checkpoint is restored every load
-    is weights-only (its data classes allowed), so a payload in one of them is named, not run."""
+    is weights-only (its data classes allowed), so a payload in one of them is named, not run. (That intact ZeRO
+    checkpoints load so: test_deepspeed.py::test_zero3_resume_after_sigterm.)"""
     from conftest import accelerate_cmd
 
     def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -384,10 +385,6 @@ def test_deepspeeds_own_checkpoint_files_run_no_code(tmp_path):
     first = launch(tmp_path / "run")
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
-    resumed = launch(tmp_path / "again", f"checkpoint.resume={ckpt}")  # intact: loads weights-only
-    assert resumed.returncode == 0 and "resumed from" in resumed.stderr + resumed.stdout, resumed.stderr[
-        -3000:
-    ]
     marker = tmp_path / "code-ran"
     shards = sorted(ckpt.rglob("*optim_states.pt"))
     assert shards
