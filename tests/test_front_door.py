@@ -175,12 +175,12 @@ def test_a_damaged_checkpoint_falls_back_and_the_run_ends_as_if_uninterrupted(fi
         run / "checkpoints" / "step-00000006",
     ):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    rng = run / "checkpoints" / "step-00000004" / "random_states_0.pkl"
+    rng = run / "checkpoints" / "step-00000004" / "rng_state_0.json"
     rng.write_bytes(rng.read_bytes()[:-20] + b"\0" * 20)
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 7, "train/lo')  # a write cut short by the crash
     log = ok(train(run, *EXACT))
-    assert "step-00000004: random_states_0.pkl is damaged" in log
+    assert "step-00000004: rng_state_0.json is damaged" in log
     assert "resumed from" in log and "step-00000002 at step 2" in log
     assert "dropping its last line" in log
     ref, got = load_weights(finished), load_weights(run)

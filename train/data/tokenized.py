@@ -150,6 +150,14 @@ def source_fingerprint(cfg: DataConfig, task: Task, split: Split) -> dict:
     return where
 
 
+def data_fingerprint(cfg: DataConfig, task: Task, split: Split) -> dict:
+    """What a split's rows are, for a resumed run to compare with its checkpoint's: where they come from (for
+    the message) and a SHA-256 of the content (None for the Hub's own copy, which the Hub versions)."""
+    src = source_fingerprint(cfg, task, split)
+    where = src.get("tsv") or f"{src['hub']} ({src['config']}, split {src['split']})"
+    return {"file": where, "sha256": src.get("sha256")}
+
+
 def tokenizer_definition(tokenizer) -> str:
     """A hash of every file ``save_pretrained`` writes for the tokenizer (minus where it was loaded from, and the
     truncation/padding state that calling it changes)."""

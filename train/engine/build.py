@@ -31,6 +31,7 @@ class Splits:
     dev: dict[Split, Any]
     test: dict[Split, Any]
     rows: dict[str, int]
+    sources: dict[str, dict]  # train and dev split name -> what its rows were read from (data_fingerprint)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Data:
     eval_loaders: dict[Split, Any]
     test_loaders: dict[Split, Any]
     rows: dict[str, int]  # split name -> rows used (after data.max_*_samples)
+    sources: dict[str, dict]  # the data's fingerprint: a checkpoint keeps it, a resume compares it
 
 
 @dataclass
@@ -88,17 +90,20 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator) -> Splits:
     rows: dict[str, int] = {}
+    sources: dict[str, dict] = {}
 
-    def split_ds(split: Split, limit: int | None):
+    def split_ds(split: Split, limit: int | None, trained: bool = True):
         ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer, acc.main_process_first)
         ds = ds.select(range(min(limit, len(ds)))) if limit else ds
         rows[split.name] = len(ds)
+        if trained:  # the data the run's state depends on (test predictions are made afresh at the end)
+            sources[split.name] = {**tokenized.data_fingerprint(cfg.data, task, split), "rows": len(ds)}
         return ds
 
     train_ds = split_ds(task.split("train")[0], cfg.data.max_train_samples)
     dev = {s: split_ds(s, cfg.data.max_eval_samples) for s in task.split("dev")}
-    test = {s: split_ds(s, None) for s in task.split("test")} if cfg.eval.predict_test else {}
-    return Splits(train_ds, dev, test, rows)
+    test = {s: split_ds(s, None, trained=False) for s in task.split("test")} if cfg.eval.predict_test else {}
+    return Splits(train_ds, dev, test, rows, sources)
 
 
 def build_data(
@@ -121,7 +126,7 @@ def build_data(
 
     evals = {s: eval_dl(ds) for s, ds in splits.dev.items()}
     tests = {s: eval_dl(ds) for s, ds in splits.test.items()}
-    return Data(len(splits.train), sampler, loader, evals, tests, splits.rows)
+    return Data(len(splits.train), sampler, loader, evals, tests, splits.rows, splits.sources)
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -162,14 +167,14 @@ def build(cfg: Config, task: Task, acc: Accelerator, layout: batches.Layout, bac
     if decision.fused_adamw:
         optimizer = use_fused_adamw(optimizer)
     scheduler = build_scheduler(cfg, optimizer, total)
-    # The scheduler is not prepared: Accelerate would step it once per process per step.
+    # The scheduler is not prepared: Accelerate would step it once per process per step. Nor is it registered
+    # for Accelerate's checkpoints (a pickle): its state is JSON in trainer_state.json (train/engine/checkpointer.py).
     # backend.prepare = acc.prepare, with the backend's own settings filled from the run config
     loaders = [*d.eval_loaders.values(), *d.test_loaders.values()]
     prepared = backend.prepare(acc, cfg, layout, model, optimizer, *loaders, precision=acc.mixed_precision)
     model, optimizer, rest = prepared[0], prepared[1], list(prepared[2:])
     d.eval_loaders = dict(zip(d.eval_loaders, rest[: len(d.eval_loaders)], strict=True))
     d.test_loaders = dict(zip(d.test_loaders, rest[len(d.eval_loaders) :], strict=True))
-    acc.register_for_checkpointing(scheduler)
     fast = attach(  # compiles every bucket shape up front
         decision,
         cfg=cfg,

@@ -15,7 +15,7 @@ import resource
 import shutil
 from pathlib import Path
 
-from train.engine import dist
+from train.engine import dist, safe_state
 from train.engine.backends.base import Backend
 from train.errors import CheckpointError
 from train.files import fsync_dir as _fsync_dir
@@ -132,19 +132,21 @@ def damage(folder: Path) -> str | None:
 
 
 def _legacy_damage(folder: Path) -> str | None:
-    """Checkpoints from before files.json: every file must at least parse."""
-    import torch
+    """Checkpoints from before files.json: no hashes to compare, so only what can be known without loading
+    anything (nothing is unpickled here: a pickle runs code when it is loaded): no file is empty, and every
+    safetensors header (JSON) parses. The files themselves are loaded weights-only (train/engine/safe_state.py)."""
     from safetensors import safe_open
 
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder)
         try:
+            if path.stat().st_size == 0:
+                return f"{name} is empty"
             if path.suffix == ".safetensors":
                 with safe_open(str(path), "pt") as fh:
                     fh.keys()
-            elif path.suffix in (".pkl", ".bin", ".pt"):
-                torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any failure to parse is damage
-            return f"{path.relative_to(folder)} cannot be read ({type(e).__name__})"
+        except Exception as e:  # noqa: BLE001 - any failure to read the header is damage
+            return f"{name} cannot be read ({type(e).__name__})"
     return None
 
 
@@ -163,7 +165,46 @@ def mismatch(path: Path, cfg: dict) -> list[str]:
     return [k for k in config_diff(saved, cfg) if k not in HARDWARE_KEYS]
 
 
-def _choose_here(resume: str, output_dir: Path, cfg: dict) -> tuple[str | None, str | None]:
+def data_changes(path: Path, data: dict | None) -> list[str]:
+    """How the training and dev data (``data``: split -> file, SHA-256, rows) differ from the checkpoint's, one
+    entry per split naming its file; empty when they are the same or the checkpoint predates the record."""
+    saved = json.loads((Path(path) / STATE).read_text()).get("data")
+    if not isinstance(saved, dict) or data is None:
+        return []
+    out = []
+    for name, then in sorted(saved.items()):
+        now = data.get(name)
+        if now is None:
+            out.append(f"split {name} ({then.get('file')}) is not read any more")
+            continue
+        what = []
+        if then.get("sha256") and now.get("sha256") and then["sha256"] != now["sha256"]:
+            what.append(
+                f"its content changed (SHA-256 {then['sha256'][:12]}... then, {now['sha256'][:12]}... now)"
+            )
+        if then.get("rows") != now.get("rows"):
+            what.append(f"{then.get('rows')} rows then, {now.get('rows')} now")
+        if what:
+            out.append(f"{now.get('file')} ({name} split): {', '.join(what)}")
+    return out
+
+
+def _data_error(path: Path, changes: list[str], resume: str) -> str:
+    fresh = (
+        "overwrite=true (the old run is moved aside into previous-<time>/)"
+        if resume == "auto"
+        else "checkpoint.resume=never"
+    )
+    return (
+        f"checkpoint {path} was trained on other data than this run reads: {'; '.join(changes)}. Resuming would "
+        "go on with other rows than the run started with (its epochs, schedule and evaluations no longer fit "
+        f"them). Put the data back as it was to resume, or train on the new data from the start with {fresh}"
+    )
+
+
+def _choose_here(
+    resume: str, output_dir: Path, cfg: dict, data: dict | None
+) -> tuple[str | None, str | None]:
     """(checkpoint, None) or (None, error) on the main process; see :func:`choose`."""
     if resume != "auto":
         path = find_resume(resume, output_dir)
@@ -183,6 +224,9 @@ def _choose_here(resume: str, output_dir: Path, cfg: dict) -> tuple[str | None, 
                 f"{', '.join(diff)}); it is not this run's training state. Resume a checkpoint of this config, "
                 "or start fresh with checkpoint.resume=never"
             )
+        changes = data_changes(path, data)
+        if changes:
+            return None, _data_error(path, changes, resume)
         return str(path), None
     tried = []
     for path in reversed(complete_checkpoints(output_dir)):
@@ -190,7 +234,8 @@ def _choose_here(resume: str, output_dir: Path, cfg: dict) -> tuple[str | None, 
             f"saved with another config ({', '.join(mismatch(path, cfg))})" if mismatch(path, cfg) else None
         )
         if problem is None:
-            return str(path), None
+            changes = data_changes(path, data)  # the same for every checkpoint of the run: no fallback
+            return (None, _data_error(path, changes, resume)) if changes else (str(path), None)
         log.warning("not resuming from %s: %s; trying the previous checkpoint", path, problem)
         tried.append(f"{path.name}: {problem}")
     if tried:
@@ -201,11 +246,12 @@ def _choose_here(resume: str, output_dir: Path, cfg: dict) -> tuple[str | None, 
     return None, None
 
 
-def choose(acc, resume: str, output_dir: Path, cfg: dict) -> Path | None:
+def choose(acc, resume: str, output_dir: Path, cfg: dict, data: dict | None = None) -> Path | None:
     """Collective. The checkpoint to resume from: ``auto`` = the newest complete one whose files are intact and
     whose config matches (damaged ones are skipped with a warning naming the file), or the one asked for; None
-    for a fresh start. The main process checks the files once; every rank gets its answer (or error)."""
-    found, error = _choose_here(resume, output_dir, cfg) if acc.is_main_process else (None, None)
+    for a fresh start. Its training and dev data (``data``, as saved by :class:`Checkpointer`) must be this
+    run's. The main process checks the files once; every rank gets its answer (or error)."""
+    found, error = _choose_here(resume, output_dir, cfg, data) if acc.is_main_process else (None, None)
     found, error = dist.from_main((found, error))
     if error:
         raise CheckpointError(error)
@@ -275,6 +321,7 @@ def save(
     if not dist.any_rank(error is not None):
         try:
             (backend or Backend()).save_state(acc, str(tmp))
+            safe_state.save_rng(acc, tmp)  # JSON, in place of Accelerate's pickle
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             error = e
     if not dist.any_rank(error is not None) and acc.is_main_process:
@@ -315,11 +362,16 @@ def save(
 
 
 def load(acc, path: Path, backend: Backend | None = None) -> dict:
-    """Restore model, optimizer, scheduler, scaler and RNG states (``backend``: as in :func:`save`); returns
-    ``trainer_state.json``."""
+    """Restore model, optimizer, scaler and RNG states (``backend``: as in :func:`save`); returns
+    ``trainer_state.json``. Nothing is unpickled: every torch.load is weights-only (train/engine/safe_state.py)."""
+    backend = backend or Backend()
     try:
         state = json.loads((Path(path) / STATE).read_text())
-        (backend or Backend()).load_state(acc, str(path))
+        with safe_state.weights_only(backend.checkpoint_classes()):
+            backend.load_state(acc, str(path))
+        safe_state.restore_rng(acc, Path(path))
+    except CheckpointError:
+        raise  # names the file already
     except Exception as e:  # noqa: BLE001 - a corrupt checkpoint fails deep inside torch/safetensors
         raise CheckpointError(
             f"checkpoint {path} is corrupt or does not belong to this run/model and cannot be loaded "

@@ -8,11 +8,12 @@ them to one run with its backend.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from train.config import Config, to_dict
-from train.engine import checkpoint
+from train.engine import checkpoint, safe_state
 from train.engine.state import TrainState
+from train.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +25,19 @@ if TYPE_CHECKING:
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, acc: Accelerator, backend: Backend, out: Path, guard: Guard):
+    def __init__(
+        self,
+        cfg: Config,
+        acc: Accelerator,
+        backend: Backend,
+        out: Path,
+        guard: Guard,
+        scheduler: Any,
+        data: dict[str, dict],
+    ):
         self.cfg, self.acc, self.backend, self.out, self.guard = cfg, acc, backend, Path(out), guard
+        self.scheduler = scheduler  # saved as JSON here (registered with Accelerate it would be a pickle)
+        self.data = data  # the training and dev data's fingerprint (build.Data.sources)
         self.state = TrainState()  # the state a save writes: the restored one once restore() ran
 
     def restore(self, start: Start) -> tuple[TrainState, str]:
@@ -34,11 +46,21 @@ class Checkpointer:
         want = self.cfg.checkpoint.resume
         path = None
         if want not in ("auto", "never") or start.action == "resume":
-            path = checkpoint.choose(self.acc, want, self.out, to_dict(self.cfg))
+            path = checkpoint.choose(self.acc, want, self.out, to_dict(self.cfg), self.data)
         if path is None:
             self.state = TrainState()
             return self.state, f"fresh ({start.reason})"
-        self.state = TrainState.from_dict(checkpoint.load(self.acc, path, self.backend)["train_state"])
+        with safe_state.old_schedule(self.acc, self.scheduler, path) as old:
+            saved = checkpoint.load(self.acc, path, self.backend)
+        try:
+            if not old:
+                self.scheduler.load_state_dict(dict(saved["scheduler"]))
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"checkpoint {path}: {checkpoint.STATE} holds no usable LR schedule ({type(e).__name__}: {e}). "
+                f"{safe_state.ADVICE}"
+            ) from None
+        self.state = TrainState.from_dict(saved["train_state"])
         st = self.state
         return (
             st,
@@ -55,7 +77,12 @@ class Checkpointer:
         went non-finite (a bad state is never saved)."""
         step = self.state.global_step
         self.guard.check(f"before the checkpoint of step {step}")
-        saved = {"train_state": self.state.to_dict(), "config": to_dict(self.cfg)}
+        saved = {
+            "train_state": self.state.to_dict(),
+            "config": to_dict(self.cfg),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data,
+        }
         return checkpoint.save(self.acc, self.out, step, saved, self.cfg.checkpoint.keep_last, self.backend)
 
     def export(self, model: torch.nn.Module, tokenizer, name: str) -> None:

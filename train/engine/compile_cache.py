@@ -24,6 +24,7 @@ starts cold. Here the compiled path points them at one known folder, ``fast.cach
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from train.errors import ConfigError
 from train.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,41 @@ def cache_dir(fast_cache_dir: str | None, data_cache_dir: str | None) -> Path:
     return (Path(root).expanduser() / "compile").resolve()
 
 
+OWN = ".glue-train-compile-cache"  # made by this program (written when it creates or adopts the folder)
+
+
+def check_own(folder: Path) -> None:
+    """torch loads its compile caches by unpickling (code runs), so only a folder this program made, that only
+    this user can write to, is used: else a ConfigError naming it. A new or empty folder is made ours (marked);
+    one that holds this program's records (``glue-train/``, from before the marker) too."""
+    folder = Path(folder)
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another process of a sweep made it first
+            folder.mkdir(mode=0o700)  # only this user writes there, whatever the umask
+    names = sorted(p.name for p in folder.iterdir() if p.name != OWN)
+    ours = (folder / OWN).is_file() or not names or (folder / "glue-train").is_dir()
+    st = folder.stat()
+    if not ours or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        why = (
+            f"it was not made by glue-train (no {OWN} in it; it holds {', '.join(names[:6])})"
+            if not ours
+            else f"other users can write to it (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})"
+        )
+        raise ConfigError(
+            f"compile cache {folder} (fast.cache_dir; by default compile/ beside the tokenized cache): {why}. "
+            "torch loads compiled code from that folder by unpickling it, which runs whatever its files say, so "
+            "only a folder of this program's that only you can write to is used. Point fast.cache_dir at a new "
+            "folder (or make it yours: chmod go-w), or set fast.enabled=false"
+        )
+    with contextlib.suppress(FileExistsError):  # another process of a sweep marked it first
+        os.close(os.open(folder / OWN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+
 def activate(folder: Path) -> None:
-    """Point torch's compile caches at ``folder`` (before this process compiles; read lazily by torch)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Point torch's compile caches at ``folder`` (before this process compiles; read lazily by torch), once
+    :func:`check_own` has found it this program's."""
+    check_own(folder)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config

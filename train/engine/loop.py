@@ -36,7 +36,7 @@ def run(cfg: Config, argv: list[str] | None = None, hooks: Hooks | None = None) 
 
     ``hooks``: what writes the run's outputs (train/outputs/hooks.py, given by the CLI); none by default."""
     hooks = hooks or NO_HOOKS
-    started = setup(cfg, hooks)
+    started = setup(cfg, hooks, argv)
     if started is None:
         return 0  # finished before: the hooks showed its summary
     results = train(started, hooks)

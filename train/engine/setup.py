@@ -32,11 +32,12 @@ from train.tracking.tracker import Tracker
 log = logging.getLogger(__name__)
 
 
-def setup(cfg: Config, hooks: Hooks | None = None) -> Run | None:
-    """Everything a run needs; None when the run folder holds this run already finished (``hooks.on_skip``)."""
+def setup(cfg: Config, hooks: Hooks | None = None, argv: list[str] | None = None) -> Run | None:
+    """Everything a run needs; None when the run folder holds this run already finished (``hooks.on_skip``).
+    ``argv``: the command line's arguments (for messages that say what to run)."""
     hooks = hooks or Hooks()
     task = get_task(cfg.data.task)
-    start = runfolder.inspect(cfg, lambda p: dist.resolve_precision(p, torch.cuda.is_available()))
+    start = runfolder.inspect(cfg, lambda p: dist.resolve_precision(p, torch.cuda.is_available()), argv)
     if not start.trains:
         if dist.launched_rank() == 0:
             log.info("%s: nothing to train.", start.reason)
@@ -55,7 +56,7 @@ def setup(cfg: Config, hooks: Hooks | None = None) -> Run | None:
     precision = acc.mixed_precision  # what the run computes in: no, bf16 or fp16 (cfg.precision may say auto)
     max_skips = cfg.train.max_nonfinite_skips
     guard = Guard(acc, built.model, precision, max_skips, partial(checkpoint.newest, start.out), backend)
-    checkpointer = Checkpointer(cfg, acc, backend, start.out, guard)
+    checkpointer = Checkpointer(cfg, acc, backend, start.out, guard, built.scheduler, built.data.sources)
     state, resumed = checkpointer.restore(start)  # after compiling: the RNG states are the checkpoint's
     tracker.rewind(state.global_step)
     run = Run(

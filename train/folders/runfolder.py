@@ -27,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,13 +43,14 @@ from train.folders import lock, owned
 log = logging.getLogger(__name__)
 
 MARKER = ".glue-train"
+RESULTS = "eval_results.json"  # written last: a run folder that holds it is finished
 # Everything this program writes at the top of a run folder (and the temporary names its atomic writes use).
 OWN_FILES = {
     MARKER,
     "config.yaml",
     "run_info.json",
     "metrics.jsonl",
-    "eval_results.json",
+    RESULTS,
     "wandb_run_id.txt",
     "slurm_info.json",
     "curves.png",
@@ -173,13 +175,39 @@ def mark(out: Path) -> None:
 
 def _finished(out: Path) -> bool:
     try:
-        return "final" in json.loads((out / "eval_results.json").read_text())
-    except (OSError, ValueError):
+        return "final" in json.loads((out / RESULTS).read_text())
+    except (OSError, ValueError, TypeError):
         return False
 
 
-def inspect(cfg: Config, resolve_precision) -> Start:
-    """Decide what this start does in ``cfg``'s run folder; read-only. ``resolve_precision('auto')`` -> 'no'."""
+def results_damage(out: Path) -> str | None:
+    """What is wrong with a run folder's ``eval_results.json`` (written last, atomically: its presence marks
+    the run finished); None when it is absent or whole."""
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"it cannot be read ({type(e).__name__}: {str(e)[:160]})"
+    if not isinstance(results, dict) or not isinstance(results.get("final"), dict):
+        return "it has no 'final' evaluation"
+    return None
+
+
+def _damaged_results(out: Path, problem: str, argv: list[str] | None) -> ConfigError:
+    again = f"glue-train train {shlex.join([*(argv or []), 'overwrite=true'])}" if argv is not None else ""
+    return ConfigError(
+        f"output_dir {out} holds a finished run whose {RESULTS} is damaged ({problem}), so its results cannot be "
+        "shown, and training it again would replace its best/ and final/. Restore that file from a copy, or "
+        "train again from the start with overwrite=true (the old run, best/ and final/ included, is moved aside "
+        f"into previous-<time>/){': ' + again if again else ''}"
+    )
+
+
+def inspect(cfg: Config, resolve_precision, argv: list[str] | None = None) -> Start:
+    """Decide what this start does in ``cfg``'s run folder; read-only. ``resolve_precision('auto')`` -> 'no'.
+    ``argv``: this start's arguments (a message that says how to train again repeats them)."""
     from train.config import run_folder
 
     out = run_folder(cfg)
@@ -201,6 +229,9 @@ def inspect(cfg: Config, resolve_precision) -> Start:
             f"output_dir {out} holds a run with a different config (differs in: {', '.join(diff)}). Use another "
             "output_dir, or set overwrite=true to move that run aside (into previous-<time>/) and start over"
         )
+    problem = results_damage(out)
+    if problem:
+        raise _damaged_results(out, problem, argv)
     if _finished(out):
         return Start(out, "finished", "the run there finished with this config")
     return Start(out, "resume", "the run there is unfinished")

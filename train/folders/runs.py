@@ -26,7 +26,7 @@ class RunRecord:
     model: str = ""
     tag: str = ""
     results: dict | None = None  # eval_results.json
-    status: str = "finished"  # finished | unfinished | failed | not started
+    status: str = "finished"  # finished | unfinished | damaged | failed | not started
     note: str = ""
     set_overrides: tuple[str, ...] = ()  # the override set (grid point) of the sweep that made it, if any
 
@@ -69,6 +69,27 @@ def _model_name(name_or_path: str) -> str:
     return model_short_name(name_or_path)
 
 
+def _results_damage(path: Path) -> str | None:
+    """Why a finished run's ``eval_results.json`` cannot be used (None when it can)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({type(e).__name__})"
+    if not isinstance(results, dict) or "task" not in results or not isinstance(results.get("final"), dict):
+        return f"{path.name} lacks the run's task or its final evaluation"
+    return None
+
+
+def _damaged(folder: Path, root: Path, problem: str) -> RunRecord:
+    rec = _unfinished(folder, root)
+    rec.status = "damaged"
+    rec.note = (
+        f"{problem}: the run finished but its results are lost; restore the file, or train again with "
+        "overwrite=true (the old run is moved aside)"
+    )
+    return rec
+
+
 def _unfinished(folder: Path, root: Path) -> RunRecord:
     try:
         cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
@@ -106,7 +127,8 @@ def _set_aside(path: Path, root: Path) -> bool:
 
 
 def scan(root: str | Path) -> list[RunRecord]:
-    """Every run under ``root``: finished, unfinished (config.yaml only) and planned-but-not-started."""
+    """Every run under ``root``: finished, damaged (an ``eval_results.json`` that cannot be read), unfinished
+    (config.yaml only) and planned-but-not-started."""
     root = Path(root).resolve()
     planned = _manifest_runs(root)
     status = _read_json(root / STATUS) or {}
@@ -114,9 +136,11 @@ def scan(root: str | Path) -> list[RunRecord]:
     for path in sorted(root.rglob("eval_results.json")):
         if _set_aside(path, root):
             continue
-        results = _read_json(path)
-        if results is not None and "task" in results:
-            records[path.parent.resolve()] = _finished(path.parent, root, results)
+        problem = _results_damage(path)
+        if problem is None:
+            records[path.parent.resolve()] = _finished(path.parent, root, _read_json(path) or {})
+        elif (path.parent / "config.yaml").is_file():  # a run folder (not some other file of that name)
+            records[path.parent.resolve()] = _damaged(path.parent, root, problem)
     for path in sorted(root.rglob("config.yaml")):
         folder = path.parent.resolve()
         if (

@@ -80,6 +80,11 @@ class Backend:
         """Collective: the inverse of :meth:`save_state`."""
         acc.load_state(folder)
 
+    def checkpoint_classes(self) -> tuple[type, ...]:
+        """Classes besides tensors and plain data that this backend's checkpoint files hold (allowed while one
+        is restored weights-only, train/engine/safe_state.py): data classes of the backend's library only."""
+        return ()
+
     def full_state_dict(self, acc: Accelerator, model: torch.nn.Module) -> dict:
         """Collective: the whole model's weights on the main process (gathered from shards), for an export."""
         return acc.get_state_dict(model)

@@ -354,6 +354,19 @@ class DeepSpeed(Backend):
     # grad_norm: the engine has already clipped (``gradient_clipping``) inside its step; Accelerate's
     # clip_grad_norm_ returns the engine's pre-clip norm, so the base method is right as it is.
 
+    def checkpoint_classes(self) -> tuple[type, ...]:
+        """The data classes DeepSpeed's engine pickles into its checkpoint files (found by listing the globals
+        of the ZeRO-1/2/3 files it writes); its loader asks for ``weights_only=False``, which is overridden."""
+        from deepspeed.runtime.fp16 import loss_scaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        scalers = [
+            getattr(loss_scaler, n, None) for n in ("LossScaler", "DynamicLossScaler", "LossScaleConfig")
+        ]
+        profile = getattr(loss_scaler, "LossScaleProfile", None)
+        return tuple(c for c in (*scalers, profile, ZeroStageEnum, fragment_address) if c is not None)
+
     def describe(self, acc: Accelerator) -> dict | None:
         """What DeepSpeed runs with, for ``run_info.json``."""
         wrapped = getattr(acc, "deepspeed_engine_wrapped", None)
