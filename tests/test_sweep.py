@@ -20,6 +20,7 @@ import yaml
 from train.sweeps import report, sweep
 from train.sweeps import spaces as search
 
+FINISHED = '{"final": {"step": 4, "splits": {}}}'  # a whole eval_results.json (its presence: finished)
 TINY_TASK = """\
 model:
   name_or_path: builtin:tiny-bert
@@ -52,7 +53,7 @@ FAKE_TRAIN = textwrap.dedent(
         print("boom: simulated failure", file=sys.stderr)
         sys.exit(3)
     with open(os.path.join(out, "eval_results.json"), "w") as fh:
-        json.dump({"task": name.split("-")[0], "seed": int(args["seed"])}, fh)
+        json.dump({"task": name.split("-")[0], "seed": int(args["seed"]), "final": {}}, fh)
     """
 )
 
@@ -250,7 +251,9 @@ def test_stop_children_asks_for_a_checkpoint(tmp_path: Path):
 def test_slurm_dry_run_writes_the_list_and_prints_sbatch(tmp_path, config_dir, capsys):
     out = tmp_path / "out"
     (out / "rte-s1").mkdir(parents=True)
-    (out / "rte-s1" / "eval_results.json").write_text("{}")  # finished: not in the list
+    (out / "rte-s1" / "eval_results.json").write_text(FINISHED)  # finished: not in the list
+    (out / "sst2-s2").mkdir(parents=True)
+    (out / "sst2-s2" / "eval_results.json").write_text('{"final": ')  # damaged: no result, so in the list
     common = ["--out", str(out), "--config-dir", str(config_dir)]
     args = ["--tasks", "sst2,rte", "--seeds", "1,2", *common, "--slurm", "--dry-run", "train.lr=3e-5"]
     assert sweep.main(args) == 0
@@ -261,7 +264,9 @@ def test_slurm_dry_run_writes_the_list_and_prints_sbatch(tmp_path, config_dir, c
         f"sst2 2 config={cfg}/sst2.yaml output_dir={res}/sst2-s2 tracking.wandb.sweep_name=out train.lr=3e-5",
         f"rte 2 config={cfg}/rte.yaml output_dir={res}/rte-s2 tracking.wandb.sweep_name=out train.lr=3e-5",
     ]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert f"{out / 'sst2-s2' / 'eval_results.json'} is damaged" in captured.out + captured.err
     script = sweep.REPO / "slurm" / "sweep.sbatch"
     expected = [
         "sbatch",
@@ -589,9 +594,9 @@ def test_warm_start_slurm_second_array_depends_on_the_first(tmp_path, warm_confi
     # MNLI finished: the warm array goes alone, without a dependency
     for seed in (1, 2):
         (out / f"mnli-s{seed}").mkdir(exist_ok=True)
-        (out / f"mnli-s{seed}" / "eval_results.json").write_text("{}")
+        (out / f"mnli-s{seed}" / "eval_results.json").write_text(FINISHED)
         (out / f"sst2-s{seed}").mkdir(exist_ok=True)
-        (out / f"sst2-s{seed}" / "eval_results.json").write_text("{}")
+        (out / f"sst2-s{seed}" / "eval_results.json").write_text(FINISHED)
     (tmp_path / "sbatch_args").unlink()
     assert sweep.main(["--tasks", "sst2,mnli,rte", "--seeds", "1,2", *common]) == 0
     assert (tmp_path / "sbatch_args").read_text().splitlines() == [

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from train.errors import SearchError, SweepError, guarded
 from train.folders import owned
+from train.folders.runfolder import RESULTS, results_damage
 from train.folders.runs import MANIFEST, STATUS
 from train.sweeps.spaces import load_search
 from train.tasks import TASKS
@@ -249,6 +250,12 @@ def check_plan(runs: list[SweepRun]) -> list[str]:
             continue
         if cfg.data.task != run.task:
             problems.append(f"{run.config} trains data.task={cfg.data.task}, not {run.task}")
+        damage = results_damage(run.folder)
+        if damage:
+            warnings.append(
+                f"{run.name}: {run.folder / RESULTS} is damaged ({damage}): not counted as finished; its run will "
+                "refuse to start until that file is restored or overwrite=true is given"
+            )
         drift = config_drift(run, cfg)
         if drift:
             warnings.append(
@@ -287,7 +294,8 @@ def train_command(run: SweepRun) -> list[str]:
 
 
 def is_finished(run: SweepRun) -> bool:
-    return (run.folder / "eval_results.json").is_file()
+    """Its ``eval_results.json`` is there and whole; a damaged one is no result (the run's start says what to do)."""
+    return (run.folder / RESULTS).is_file() and results_damage(run.folder) is None
 
 
 def newest_checkpoint(run: SweepRun) -> str | None:
