@@ -153,7 +153,7 @@ def eval_args(glue: Path, out: Path) -> list[str]:
         "train.log_every=1",
         "eval.every_steps=3",
         "eval.batch_size=8",
-        "checkpoint.every_steps=0",
+        "checkpoint.every_steps=null",
         "precision=no",
     ]
 

@@ -10,6 +10,7 @@ Imports stay light here: ``--help`` of every command does not import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -122,6 +123,7 @@ def train_main(argv: list[str]) -> int:
     from train.engine.preempt import StopFlag  # standard library only: the handler is in place within ms
 
     stop = StopFlag().install()  # first: a SIGTERM/SIGUSR1 at any moment of the start-up is honoured
+    exit_note("running")  # until the exit code replaces it (a process killed leaves "running")
     args = parse_args(argv)
     if args.keys_markdown:
         print(keys_markdown())
@@ -134,11 +136,22 @@ def train_main(argv: list[str]) -> int:
         except StopRequested as stopped:  # every rank agreed, before this start trained a step
             return stop.exit_early(stopped)
 
-    return guarded(
+    code = guarded(
         command,
         interrupted="interrupted (Ctrl-C) before training started or during a save; rerun the same command to "
         "start or resume",
     )
+    exit_note(str(code))
+    return code
+
+
+def exit_note(text: str) -> None:
+    """Under launch/relay.sh (``$GLUE_EXIT_DIR``): this process's exit code, in a file named by its rank. After a
+    stop signal torchrun exits 1 whatever its processes did; the relay reports theirs."""
+    folder = os.environ.get("GLUE_EXIT_DIR")
+    if folder and os.path.isdir(folder):
+        with contextlib.suppress(OSError), open(os.path.join(folder, str(rank())), "w") as fh:
+            fh.write(text)
 
 
 def start(args: argparse.Namespace, argv: list[str], stop) -> int:

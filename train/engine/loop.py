@@ -198,7 +198,9 @@ def evaluate(run: Run, hooks: Hooks) -> None:
         run.stop.agreed = True
         run.built.model.train()
         if run.acc.is_main_process:
-            log.warning("stopped while %s at step %d: abandoned, redone after the resume", stopped.where, step)
+            log.warning(
+                "stopped while %s at step %d: abandoned, redone after the resume", stopped.where, step
+            )
         return
     hooks.on_eval(run, evaluation)
     if evaluation.improved:

@@ -24,15 +24,19 @@ log = logging.getLogger(__name__)
 
 class StopFlag:
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.signum: int | None = None  # the signal this process got (-1: a peer's)
         self.agreed = False  # every rank agreed to stop after the current step (train.engine.loop)
 
     def install(self) -> StopFlag:
+        self.pid = os.getpid()
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if os.getpid() != self.pid:  # a forked child (DataLoader worker): torchrun signals the process group;
+            return  # the training process decides when its workers end
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signum is None:
