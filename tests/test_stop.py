@@ -242,3 +242,45 @@ def assert_same_results(out: Path, ref: Path) -> None:
         for split, metrics in b[which]["splits"].items():
             for k, v in metrics.items():
                 assert a[which]["splits"][split][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (which, k)
+
+
+@pytest.mark.slow
+def test_one_rank_signalled_during_an_evaluation_stops_every_rank(eval_glue: Path, tmp_path: Path) -> None:
+    """2 processes under torchrun; only rank 1 gets SIGTERM, in the middle of the evaluation: the ranks agree at
+    the next vote, both abandon it, the checkpoint of the last step is written and torchrun's world ends cleanly."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from conftest import free_port
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+        + ["-m", "train", *eval_args(eval_glue, out), "train.per_device_batch_size=8"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: 3 in train_rows(out), proc, every=0.01)
+    workers = {}
+    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        env_of = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        workers[next(e for e in env_of if e.startswith(b"RANK=")).decode()] = int(pid)
+    t0 = time.time()
+    os.kill(workers["RANK=1"], signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    took = time.time() - t0
+    assert proc.returncode == 0 and "Traceback" not in err, err[-4000:]
+    assert took < STOP_WITHIN_S, f"{took:.1f} s from the signal to the end"
+    assert "stopped while evaluating at step 3: abandoned" in err, err[-4000:]
+    assert eval_rows(out) == []
+    saved = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert saved["train_state"]["eval_due"] is True
