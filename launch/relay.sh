@@ -64,7 +64,7 @@ run_relayed() {
         if [[ -n $_RELAY_PENDING ]] && _relay_ready "$_RELAY_PENDING"; then
             # shellcheck disable=SC2046  # one pid per word
             kill -s "$_RELAY_PENDING" $(_relay_targets) 2>/dev/null &&
-                _relay_log "SIG$_RELAY_PENDING passed to ${RELAY_TO:-cmd} of $1 (pid $_RELAY_CHILD)"
+                _relay_log "SIG$_RELAY_PENDING passed to the ${RELAY_TO:-cmd}: $(ps -o args= -p "$_RELAY_CHILD" | cut -c1-80)"
             _RELAY_SENT=$_RELAY_PENDING _RELAY_PENDING=""
         fi
         sleep 0.2 &

@@ -309,7 +309,7 @@ def test_multinode_two_nodes_preempted(reference, workdir):
     assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "1"
     log = log_of(workdir, job)
     assert "--node_rank 0" in log and "--node_rank 1" in log and "--rdzv_endpoint n1:" in log
-    assert log.count("SIGUSR1 passed to launcher of torchrun") == 2, log[-6000:]  # one per node
+    assert log.count("SIGUSR1 passed to the launcher: ") == 2, log[-6000:]  # one per node
     start = json.loads((out / "slurm_info.json").read_text())["starts"][0]
     assert start["slurm"]["SLURM_JOB_NUM_NODES"] == "2" and start["procs_per_node"] == 1
     assert_resumed_mid_run(out, workdir, job)
@@ -330,7 +330,7 @@ def test_preempt_usr1_to_batch_shell(reference, workdir):
     assert info["Restarts"] == "1"
     step = assert_resumed_mid_run(out, workdir, job)
     assert step >= 10
-    assert "SIGUSR1 passed to launcher of torchrun" in log_of(workdir, job)
+    assert "SIGUSR1 passed to the launcher: " in log_of(workdir, job)
     assert_same_weights(out, reference)
 
 
