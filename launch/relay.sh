@@ -62,9 +62,10 @@ run_relayed() {
     done
     while kill -0 "$_RELAY_CHILD" 2>/dev/null; do
         if [[ -n $_RELAY_PENDING ]] && _relay_ready "$_RELAY_PENDING"; then
+            _RELAY_WHAT=$(ps -o args= -p "$_RELAY_CHILD" | cut -c1-80)
             # shellcheck disable=SC2046  # one pid per word
             kill -s "$_RELAY_PENDING" $(_relay_targets) 2>/dev/null &&
-                _relay_log "SIG$_RELAY_PENDING passed to the ${RELAY_TO:-cmd}: $(ps -o args= -p "$_RELAY_CHILD" | cut -c1-80)"
+                _relay_log "SIG$_RELAY_PENDING passed to the ${RELAY_TO:-cmd}: $_RELAY_WHAT"
             _RELAY_SENT=$_RELAY_PENDING _RELAY_PENDING=""
         fi
         sleep 0.2 &
@@ -80,7 +81,7 @@ run_relayed() {
             [[ $code == 0 ]] || all_zero=0
         done
         if ((n > 0 && all_zero)); then
-            _relay_log "$1 exited $rc after SIG$_RELAY_SENT; its $n training process(es) stopped cleanly: exit 0"
+            _relay_log "${_RELAY_WHAT%% *} exited $rc after SIG$_RELAY_SENT; its $n training process(es) stopped cleanly: exit 0"
             rc=0
         fi
     fi
