@@ -128,6 +128,23 @@ def test_sigusr1_while_tokenizing_publishes_nothing(tmp_path: Path) -> None:
     assert not [e for e in entries if e.startswith("sst2-train-") and not e.endswith(".lock")], entries
 
 
+@pytest.mark.slow  # ~20 s: imports, model, the first shape's compile
+def test_sigterm_while_compiling_stops_between_shapes(tmp_path: Path) -> None:
+    """The fast path forced on (aot_eager: real dynamo graphs, no code generation) compiles 4 bucket shapes up
+    front; one compile cannot be interrupted, so the run stops after the shape under way."""
+    out = tmp_path / "run"
+    proc = start(smoke(out, "fast.enabled=true", "fast.backend=aot_eager", "fast.bucket_multiple=32"))
+    lines: list[str] = []
+
+    def compiling() -> bool:  # the fast path's decision is logged just before its first compile
+        lines.append(proc.stderr.readline())
+        return "compile backend=aot_eager" in lines[-1]
+
+    wait_for(compiling, proc, every=0)
+    rc, err, took = stop_now(proc)
+    assert_clean_early_stop(rc, "".join(lines) + err, took, out, "compiling")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # evaluation and test prediction: abandoned, checkpointed at the last step, redone after the resume
 
