@@ -18,7 +18,8 @@
 #   RDZV_BACKEND   static (default) or c10d, for more than one node
 #   ACCELERATE     launcher command ("accelerate")
 #   ACCELERATE_ARGS extra `accelerate launch` options, word-split (e.g. "--mixed_precision bf16")
-#   FORWARD_SIGNALS 1: SIGUSR1/SIGTERM sent to this script go to the training processes (see launch/forward_signals.sh)
+#   RELAY          1: SIGUSR1/SIGTERM sent to this script go to the training processes (launch/relay.sh; accelerate
+#                  does not hand SIGUSR1 on: they are its children and get it from the relay). 0: exec accelerate.
 #   DRY_RUN        1: print the resolved command and exit
 # `--num_processes` is the total over all nodes (NPROC x NNODES), as Accelerate wants; the batch size arithmetic
 # lives in the program (it derives gradient accumulation from the world size).
@@ -43,7 +44,7 @@ if [[ -z ${MASTER_PORT:-} ]]; then
     if [[ $NNODES == 1 && ${DRY_RUN:-0} != 1 ]]; then MASTER_PORT=$(free_port); else MASTER_PORT=29500; fi
 fi
 RDZV_BACKEND=${RDZV_BACKEND:-static}
-FORWARD_SIGNALS=${FORWARD_SIGNALS:-1}
+RELAY=${RELAY:-1}
 read -r -a launcher <<<"${ACCELERATE:-accelerate}"
 read -r -a extra <<<"${ACCELERATE_ARGS:-}"
 
@@ -64,11 +65,11 @@ cmd=("${launcher[@]}" launch "${opts[@]}" "${extra[@]}" -m train "$@")
 echo "+ $(printf '%q ' "${cmd[@]}")" | sed 's/ $//' >&2
 [[ ${DRY_RUN:-0} == 1 ]] && exit 0
 
-# shellcheck source=launch/forward_signals.sh
-source "$ROOT/launch/forward_signals.sh"
-if [[ $FORWARD_SIGNALS == 1 ]]; then
-    run_forwarding "${cmd[@]}"
+# shellcheck source=launch/relay.sh
+source "$ROOT/launch/relay.sh"
+if [[ $RELAY == 1 ]]; then
+    RELAY_TO=children run_relayed "${cmd[@]}"
 else
-    trap '' USR1   # inherited as "ignored" by the launcher; the training processes install their own handler
+    trap '' USR1 # inherited as "ignored" by the launcher; the training processes install their own handler
     exec "${cmd[@]}"
 fi

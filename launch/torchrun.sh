@@ -15,8 +15,11 @@
 #   RDZV_ID        rendezvous id shared by all nodes of one run ($SLURM_JOB_ID or "glue")
 #   TORCHRUN       torchrun command ("torchrun"; "python -m torch.distributed.run" works too)
 #   TORCHRUN_ARGS  extra torchrun options, word-split (e.g. "--max_restarts 0 --log_dir logs")
-#   FORWARD_SIGNALS 1: SIGUSR1/SIGTERM sent to this script go to the training processes (never to torchrun,
-#                  which SIGUSR1 would kill; torchrun ignores SIGUSR1). 0: exec torchrun directly.
+#   STOP_SIGNALS   the signals torchrun hands to the training processes (SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
+#   SHUTDOWN_TIMEOUT seconds torchrun gives them after such a signal to write their checkpoint, then SIGKILL (240;
+#                  less than the 300 s of the sbatch scripts' --signal=B:USR1@300)
+#   RELAY          1: torchrun under launch/relay.sh: signals sent to this script reach it, one that comes before
+#                  it is ready is held, and after a stop the exit code is the training processes'. 0: exec torchrun.
 #   DRY_RUN        1: print the resolved command and exit
 # The batch size arithmetic lives in the program (it derives gradient accumulation from the world size).
 set -euo pipefail
@@ -34,7 +37,9 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-glue}}
-FORWARD_SIGNALS=${FORWARD_SIGNALS:-1}
+STOP_SIGNALS=${STOP_SIGNALS:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-240}
+RELAY=${RELAY:-1}
 read -r -a launcher <<<"${TORCHRUN:-torchrun}"
 read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 
@@ -52,15 +57,15 @@ case $RDZV_BACKEND in
     *) echo "launch/torchrun.sh: RDZV_BACKEND must be standalone, c10d or static, not '$RDZV_BACKEND'" >&2; exit 2 ;;
 esac
 
-cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node "$NPROC" "${extra[@]}" -m train "$@")
+cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node "$NPROC" --signals-to-handle "$STOP_SIGNALS"
+     --shutdown-timeout "$SHUTDOWN_TIMEOUT" "${extra[@]}" -m train "$@")
 echo "+ $(printf '%q ' "${cmd[@]}")" | sed 's/ $//' >&2
 [[ ${DRY_RUN:-0} == 1 ]] && exit 0
 
-# shellcheck source=launch/forward_signals.sh
-source "$ROOT/launch/forward_signals.sh"
-if [[ $FORWARD_SIGNALS == 1 ]]; then
-    run_forwarding "${cmd[@]}"
+# shellcheck source=launch/relay.sh
+source "$ROOT/launch/relay.sh"
+if [[ $RELAY == 1 ]]; then
+    RELAY_TO=launcher run_relayed "${cmd[@]}"
 else
-    trap '' USR1   # inherited as "ignored" by torchrun; the training processes install their own handler
     exec "${cmd[@]}"
 fi

@@ -15,8 +15,8 @@ if [[ -z ${VIRTUAL_ENV:-} && -f $ROOT/.venv/bin/activate ]]; then
     source "$ROOT/.venv/bin/activate"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# shellcheck source=launch/forward_signals.sh
-source "$ROOT/launch/forward_signals.sh"
+# shellcheck source=launch/relay.sh
+source "$ROOT/launch/relay.sh"
 
 procs_per_node() {
     if [[ -n ${PROCS_PER_NODE:-} ]]; then

@@ -290,7 +290,7 @@ def test_processes_per_node_follow_the_gpus(workdir, script, opts, env, nproc):
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. two nodes x 1 process: one torch.distributed world across the nodes; preempted and requeued on the way
-#    (the batch shell relays SIGUSR1 through srun to each node's launch script, which forwards it to its worker)
+#    (the batch shell relays SIGUSR1 through srun to each node's launch script, which passes it to its torchrun)
 
 
 def test_multinode_two_nodes_preempted(reference, workdir):
@@ -309,7 +309,7 @@ def test_multinode_two_nodes_preempted(reference, workdir):
     assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "1"
     log = log_of(workdir, job)
     assert "--node_rank 0" in log and "--node_rank 1" in log and "--rdzv_endpoint n1:" in log
-    assert log.count("SIGUSR1 received: forwarded to workers") == 2, log[-6000:]  # one per node
+    assert log.count("SIGUSR1 passed to the launcher: ") == 2, log[-6000:]  # one per node
     start = json.loads((out / "slurm_info.json").read_text())["starts"][0]
     assert start["slurm"]["SLURM_JOB_NUM_NODES"] == "2" and start["procs_per_node"] == 1
     assert_resumed_mid_run(out, workdir, job)
@@ -330,15 +330,16 @@ def test_preempt_usr1_to_batch_shell(reference, workdir):
     assert info["Restarts"] == "1"
     step = assert_resumed_mid_run(out, workdir, job)
     assert step >= 10
-    assert "SIGUSR1 received: forwarded to workers" in log_of(workdir, job)
+    assert "SIGUSR1 passed to the launcher: " in log_of(workdir, job)
     assert_same_weights(out, reference)
 
 
 def test_preempt_time_limit_signal(workdir):
     """--time=2 with --signal=B:USR1@120: SLURM signals the batch shell at its first time-limit check, 0-30 s
-    after the start (it checks every 30 s; measured 7, 14, 30 s), often before the program has its handler (the
-    forwarding waits for it); the limit leaves the run ~90 s to checkpoint. Once requeued, the test lifts the limit
-    so that the second run can finish."""
+    after the start (it checks every 30 s; measured 7, 14, 21, 30 s), maybe before torchrun has its handler (the
+    relay holds it until then); the limit leaves the run ~90 s to checkpoint. A signal in the start-up (model load,
+    tokenization) stops it there with nothing to save, and the requeued job starts fresh; a later one checkpoints
+    and the requeued job resumes. Once requeued, the test lifts the limit so that the second run can finish."""
     # SLURM's first time-limit check may come 30 s after the start; on an idle machine the shared 192-step run
     # and then a 512-step run (27 steps/s: 28 s from submission, signalled 0.5 s after its end) both finished
     # before it (seen in CI), so this test trains 2048 steps (~75 s idle). What this test adds is SLURM's own
@@ -360,7 +361,14 @@ def test_preempt_time_limit_signal(workdir):
     total = epochs * STEPS_PER_EPOCH
     assert_finished(out, workdir, job, info, total=total)
     assert info["Restarts"] == "1", f"not requeued once ({info}): did the run end before SLURM's time check?"
-    assert_resumed_mid_run(out, workdir, job, total=total)
+    log = log_of(workdir, job)
+    if (
+        "before this start trained a step" in log
+    ):  # the signal came in the start-up (on a busy machine: ~20 s)
+        assert re.search(r"stopped while [a-z /0-9]+, before this start trained a step", log), log[-6000:]
+        assert "resumed from" not in log and log.count("start       fresh") == 1, log[-6000:]
+    else:
+        assert_resumed_mid_run(out, workdir, job, total=total)
 
 
 def test_preempt_by_high_priority_partition(reference, workdir):

@@ -10,12 +10,13 @@ Imports stay light here: ``--help`` of every command does not import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 
 from train.config import describe, load_config
-from train.errors import guarded, rank
+from train.errors import StopRequested, guarded, rank
 
 
 def _help_epilog() -> str:
@@ -119,6 +120,10 @@ def commands_help() -> str:
 
 def train_main(argv: list[str]) -> int:
     """``glue-train train``: one fine-tuning run."""
+    from train.engine.preempt import StopFlag  # standard library only: the handler is in place within ms
+
+    stop = StopFlag().install()  # first: a SIGTERM/SIGUSR1 at any moment of the start-up is honoured
+    exit_note("running")  # until the exit code replaces it (a process killed leaves "running")
     args = parse_args(argv)
     if args.keys_markdown:
         print(keys_markdown())
@@ -126,25 +131,45 @@ def train_main(argv: list[str]) -> int:
     setup_logging()
 
     def command() -> int:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            from train.config import dump
+        try:
+            return start(args, argv, stop)
+        except StopRequested as stopped:  # every rank agreed, before this start trained a step
+            return stop.exit_early(stopped)
 
-            print(dump(cfg), end="")
-            return 0
-        quiet_transformers()
-        from train.engine.loop import run
-        from train.folders.runfolder import hold
-        from train.outputs.hooks import RunOutputs
-
-        with hold(cfg):  # one run per folder: its lock for the run's life (train/folders/lock.py)
-            return run(cfg, argv, hooks=RunOutputs())  # the engine trains; the outputs hook in from here
-
-    return guarded(
+    code = guarded(
         command,
         interrupted="interrupted (Ctrl-C) before training started or during a save; rerun the same command to "
         "start or resume",
     )
+    exit_note(str(code))
+    return code
+
+
+def exit_note(text: str) -> None:
+    """Under launch/relay.sh (``$GLUE_EXIT_DIR``): this process's exit code, in a file named by its rank. After a
+    stop signal torchrun exits 1 whatever its processes did; the relay reports theirs."""
+    folder = os.environ.get("GLUE_EXIT_DIR")
+    if folder and os.path.isdir(folder):
+        with contextlib.suppress(OSError), open(os.path.join(folder, str(rank())), "w") as fh:
+            fh.write(text)
+
+
+def start(args: argparse.Namespace, argv: list[str], stop) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from train.config import dump
+
+        print(dump(cfg), end="")
+        return 0
+    stop.check("reading the config")
+    quiet_transformers()
+    from train.engine.loop import run
+    from train.folders.runfolder import hold
+    from train.outputs.hooks import RunOutputs
+
+    stop.check("importing the libraries")
+    with hold(cfg):  # one run per folder: its lock for the run's life (train/folders/lock.py)
+        return run(cfg, argv, hooks=RunOutputs(), stop=stop)  # the engine trains; the outputs hook in
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,15 @@ class NothingToReport(ReportError):
     exit_code = 1
 
 
+class StopRequested(BaseException):  # noqa: N818 - control flow, like KeyboardInterrupt: no library catches it
+    """Every rank agreed to stop (SIGTERM, SIGUSR1, Ctrl-C) where the run cannot take another step first: in
+    start-up, an evaluation, a test prediction. ``where`` says what was abandoned (``"loading the model"``)."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the boundary
 

@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from train.config import DataConfig
 from train.data.glue import read_split, resolve_builtin
-from train.errors import ConfigError, DataError, rank
+from train.errors import ConfigError, DataError, StopRequested, rank
 from train.tasks import Split, Task
 
 log = logging.getLogger(__name__)
@@ -288,14 +289,23 @@ def _cached(path: Path, parts: dict):
         return None
 
 
-def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_first=None):
+def tokenize_split(
+    cfg: DataConfig,
+    task: Task,
+    split: Split,
+    tokenizer,
+    main_first=None,
+    interrupted: Callable[[], bool] | None = None,
+):
     """Tokenized ``datasets.Dataset`` for one split, from the cache when present.
 
     The main process tokenizes and writes the cache; the other ranks wait (``main_first``) and read it. Several
     runs sharing a cache (a SLURM array, local sweeps) are safe: one writer per entry at a time (a file lock),
     each writes its own temporary folder and renames it into place, and a published entry is never deleted, so
     a reader never sees a partial or vanishing one. Rank 0 logs the notes on odd rows (one warning per split
-    file), from the entry when it is cached.
+    file), from the entry when it is cached. ``interrupted`` is asked between tokenizer batches and while waiting
+    for another writer's lock: once it says yes, :class:`~train.errors.StopRequested` abandons the entry (nothing
+    is published).
     """
     check_max_length(cfg.max_length, tokenizer, task, _sane_limit(tokenizer), tokenizer.name_or_path)
     parts = key_parts(cfg, task, split, tokenizer)
@@ -306,7 +316,7 @@ def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_fi
             log.info("tokenized cache hit: %s", path)
         else:
             try:
-                found = _tokenize_into(path, cfg, task, split, tokenizer, parts)
+                found = _tokenize_into(path, cfg, task, split, tokenizer, parts, interrupted or _never)
             except OSError as e:
                 raise DataError(
                     f"cannot write the tokenized-data cache {path.parent} ({e.strerror or e}); free disk space or "
@@ -319,12 +329,43 @@ def tokenize_split(cfg: DataConfig, task: Task, split: Split, tokenizer, main_fi
     return ds
 
 
-def _tokenize_into(path: Path, cfg: DataConfig, task: Task, split: Split, tokenizer, parts: dict):
+def _never() -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _locked(path: Path, interrupted: Callable[[], bool]):
+    """The entry's writer lock, waited for in 1 s slices so that a stop is seen while another process writes."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock")
+    while True:
+        try:
+            lock.acquire(timeout=1)
+            break
+        except Timeout:
+            if interrupted():
+                raise StopRequested(f"waiting for the tokenized cache {path.name}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _tokenize_into(
+    path: Path,
+    cfg: DataConfig,
+    task: Task,
+    split: Split,
+    tokenizer,
+    parts: dict,
+    interrupted: Callable[[], bool],
+):
     import datasets
-    from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    where = f"tokenizing {task.name}/{split.name}"
+    with _locked(path, interrupted):
         found = _cached(path, parts)  # another process may have written it while this one waited
         if found is not None:
             return found
@@ -333,6 +374,8 @@ def _tokenize_into(path: Path, cfg: DataConfig, task: Task, split: Split, tokeni
         arguments = call_arguments(cfg)
 
         def encode(batch: dict) -> dict:
+            if interrupted():  # between batches of 1,000 rows: a stop waits at most one batch
+                raise StopRequested(where)
             return _encode(tokenizer, [batch[c] for c in task.text_columns], arguments)
 
         ds = raw.map(

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from train.config import Config
 from train.data import batches, tokenized
 from train.engine.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
+from train.engine.preempt import StopFlag
+from train.errors import StopRequested
 from train.model.load import load_model, load_tokenizer, model_inputs
 from train.tasks import Split, Task
 
@@ -88,12 +91,22 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator) -> Splits:
+def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator, stop: StopFlag) -> Splits:
+    """Every split tokenized: the main process first (it writes the cache; a signal abandons it between tokenizer
+    batches), then a stop vote, then the other ranks (they read what it wrote)."""
     rows: dict[str, int] = {}
     sources: dict[str, dict] = {}
 
     def split_ds(split: Split, limit: int | None, trained: bool = True):
-        ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer, acc.main_process_first)
+        ds = None
+        if acc.is_main_process:
+            with contextlib.suppress(StopRequested):  # the vote below stops every rank
+                ds = tokenized.tokenize_split(
+                    cfg.data, task, split, tokenizer, interrupted=lambda: stop.raised
+                )
+        stop.check(f"tokenizing {task.name}/{split.name}")  # also the barrier: the cache entry is written
+        if ds is None:
+            ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer)
         ds = ds.select(range(min(limit, len(ds)))) if limit else ds
         rows[split.name] = len(ds)
         if trained:  # the data the run's state depends on (test predictions are made afresh at the end)
@@ -150,15 +163,19 @@ def model_forward(model: torch.nn.Module, inputs: batches.Inputs):
     return forward
 
 
-def build(cfg: Config, task: Task, acc: Accelerator, layout: batches.Layout, backend: Backend) -> Built:
-    """Tokenizer, model, data, optimizer and schedule, prepared by the backend; the fast path compiled."""
+def build(
+    cfg: Config, task: Task, acc: Accelerator, layout: batches.Layout, backend: Backend, stop: StopFlag
+) -> Built:
+    """Tokenizer, model, data, optimizer and schedule, prepared by the backend; the fast path compiled. A stop
+    agreed after a stage (``stop.check``) raises :class:`~train.errors.StopRequested` on every rank."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # same init on every rank
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, task, tokenizer)
     inputs = model_inputs(tokenizer, model)  # before prepare: the signature of the unwrapped model
-    splits = load_splits(cfg, task, tokenizer, acc)
+    stop.check("loading the model")
+    splits = load_splits(cfg, task, tokenizer, acc, stop)
     # fast path or eager, and why (logged by attach): device, backend, and whether compiling pays off
     decision = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train), backend)
     d = build_data(cfg, task, splits, inputs, layout, acc, decision.buckets)
@@ -187,5 +204,7 @@ def build(cfg: Config, task: Task, acc: Accelerator, layout: batches.Layout, bac
         layout=layout,
         regression=task.is_regression,
         vocab=len(tokenizer),  # the ids the tokenizer can produce
+        between_shapes=lambda: stop.check("compiling"),  # one compile cannot be interrupted: between them
     )
+    stop.check("compiling")
     return Built(tokenizer, inputs, model, optimizer, scheduler, d, total, fast)

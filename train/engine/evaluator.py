@@ -2,7 +2,9 @@
 
 ``should_eval(step)`` decides by ``eval.every_steps``, ``eval.every_epoch`` and the last step; early stopping
 by ``train.early_stopping_patience``. Every rank evaluates the same gathered predictions, so every rank
-decides the same at the same step.
+decides the same at the same step. A stop signal is voted on every :data:`VOTE_EVERY` batches: an evaluation
+(with the test predictions of a new best) is recorded whole or not at all, and one a stop abandoned is redone
+first after the resume, from the same random state (so the resumed run equals the uninterrupted one).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 from train.config import Config
 from train.data.metrics import compute_metrics, metrics_text
 from train.engine.build import Built, per_sample_loss
+from train.engine.preempt import StopFlag
 from train.engine.state import EarlyStop, EvalRecord, TrainState
+from train.errors import StopRequested
 from train.tasks import Split, Task
 
 if TYPE_CHECKING:
@@ -27,6 +31,9 @@ if TYPE_CHECKING:
     from train.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
+# Batches between two stop votes (a CPU all-reduce of one int): on a CPU an eval batch of a base-sized model takes
+# ~1-3 s, so a stop is honoured within ~10 s; on a GPU the vote costs well under 1 % of 4 batches.
+VOTE_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Evaluation:
     row: dict[str, Any]
     predictions: dict[Split, dict[str, np.ndarray]]
     improved: bool
+    tests: dict[Split, dict[str, np.ndarray]]  # a new best's test predictions ({}: not a best, or none asked)
 
 
 class Evaluator:
@@ -50,9 +58,11 @@ class Evaluator:
         state: TrainState,
         tracker: Tracker,
         guard: Guard,
+        stop: StopFlag | None = None,
     ):
         self.cfg, self.task, self.acc, self.built = cfg, task, acc, built
         self.state, self.tracker, self.guard = state, tracker, guard
+        self.stop = stop or StopFlag()
 
     def should_eval(self, step: int, *, epoch_end: bool = False, end: bool = False) -> bool:
         """Whether to evaluate after optimizer step ``step``: every ``eval.every_steps`` steps, at the end of an
@@ -67,12 +77,15 @@ class Evaluator:
         return bool(every) and step % every == 0
 
     @torch.no_grad()
-    def predict(self, loader) -> dict[str, np.ndarray]:
-        """Collective. Predictions, labels, losses and row ids over a whole split, gathered from every rank once."""
+    def predict(self, loader, doing: str = "evaluating") -> dict[str, np.ndarray]:
+        """Collective. Predictions, labels, losses and row ids over a whole split, gathered from every rank once.
+        Every rank sees as many batches (Accelerate evens them out), so the stop votes line up."""
         regression = self.task.is_regression
         self.built.model.eval()
         parts: dict[str, list] = {"pred": [], "label": [], "loss": [], "idx": [], "conf": []}
-        for batch in loader:
+        for i, batch in enumerate(loader):
+            if i % VOTE_EVERY == VOTE_EVERY - 1:
+                self.stop.check(doing)
             logits = self.built.fast.eval_logits(batch)
             labels = batch["labels"]
             losses = per_sample_loss(logits, labels.clamp(min=0) if not regression else labels, regression)
@@ -85,25 +98,43 @@ class Evaluator:
 
     def predict_tests(self) -> dict[Split, dict[str, np.ndarray]]:
         """Collective. The current model's predictions of every test split ({} with eval.predict_test=false)."""
-        return {split: self.predict(loader) for split, loader in self.built.data.test_loaders.items()}
+        loaders = self.built.data.test_loaders.items()
+        return {split: self.predict(loader, "predicting the test splits") for split, loader in loaders}
 
     def evaluate(self, epoch: float) -> Evaluation:
-        """Collective. Evaluate every dev split at the current step: the row in ``metrics.jsonl``, one log line,
-        the best evaluation and the early-stopping count updated (the model is left in eval mode)."""
+        """Collective. Evaluate every dev split at the current step (and predict the test splits if it is a new
+        best): the row in ``metrics.jsonl``, one log line, the best evaluation and the early-stopping count updated
+        (the model is left in eval mode). A stop agreed meanwhile raises :class:`StopRequested` with nothing
+        recorded, the random state as before, and ``eval_due`` set for the checkpoint."""
         st = self.state
         self.guard.check(f"before the evaluation at step {st.global_step}")
-        predictions = {split: self.predict(loader) for split, loader in self.built.data.eval_loaders.items()}
-        results = {
-            split.name: {**compute_metrics(self.task, p["pred"], p["label"]), "loss": float(p["loss"].mean())}
-            for split, p in predictions.items()
-        }
+        rng = _random_state()
+        try:
+            predictions = {
+                split: self.predict(loader) for split, loader in self.built.data.eval_loaders.items()
+            }
+            results = {
+                split.name: {
+                    **compute_metrics(self.task, p["pred"], p["label"]),
+                    "loss": float(p["loss"].mean()),
+                }
+                for split, p in predictions.items()
+            }
+            score = results[next(iter(predictions)).name][
+                "score"
+            ]  # the first dev split's picks the best model
+            tests = self.predict_tests() if score > st.best_score else {}
+        except StopRequested:
+            _set_random_state(rng)  # the checkpoint holds the state the redone evaluation starts from
+            st.eval_due = True
+            raise
+        st.eval_due = False
         record = EvalRecord(st.global_step, epoch, results)
         row: dict[str, Any] = {"step": record.step, "epoch": epoch}
         for split in predictions:
             row.update({f"eval/{k}{split.suffix}": v for k, v in results[split.name].items()})
         st.last_eval = record
         self.tracker.write(row)
-        score = results[next(iter(predictions)).name]["score"]  # the first dev split's picks the best model
         if self.acc.is_main_process:
             best_step = st.best.step if st.best else None
             better = (
@@ -119,7 +150,7 @@ class Evaluator:
         else:
             st.evals_without_improvement += 1
         self._check_early_stop(epoch)
-        return Evaluation(record, row, predictions, improved)
+        return Evaluation(record, row, predictions, improved, tests)
 
     def _check_early_stop(self, epoch: float) -> None:
         """Stop once train.early_stopping_patience evals in a row did not beat the best one."""
@@ -136,3 +167,23 @@ class Evaluator:
                 patience,
                 best_step,
             )
+
+
+def _random_state() -> dict[str, Any]:
+    """Every generator a run draws from (an evaluation draws a DataLoader seed or two)."""
+    import random
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_random_state(state: dict[str, Any]) -> None:
+    import random
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -467,11 +467,13 @@ class FastPath:
         backward: Callable[[torch.Tensor], None],
         zero_grad: Callable[[], None],
         repeats: int = 3,
+        between: Callable[[], None] = lambda: None,
     ) -> float:
         """Compile (and record CUDA graphs for) every bucket shape before training; returns the seconds spent.
 
         The dummy batches carry weight 0, so the gradients are exactly zero and are dropped; the optimizer is
-        not stepped, so the training itself is unchanged (dropout draws random numbers, though).
+        not stepped, so the training itself is unchanged (dropout draws random numbers, though). ``between`` runs
+        after each shape (a compile cannot be interrupted; the stop check runs between them).
         """
         if not self.compiled:
             return 0.0
@@ -489,6 +491,7 @@ class FastPath:
                 for _ in range(repeats):
                     batch = dummy_batch(self.inputs, self.eval_rows, length, vocab, regression, device)
                     self.eval_logits(batch)
+            between()
         model.train(was_training)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -561,9 +564,11 @@ def attach(
     layout: Layout,
     regression: bool,
     vocab: int,
+    between_shapes: Callable[[], None] = lambda: None,
 ) -> FastPath:
     """The loop's step functions (``forward``: batch -> logits, ``loss``: per-sample losses), compiled and warmed
-    up on the fast path; plain wrappers of the same functions otherwise."""
+    up on the fast path; plain wrappers of the same functions otherwise. ``between_shapes`` runs after each
+    shape's compile (collective: every rank compiles the same shapes in the same order)."""
     fast = build(cfg, decision, forward, loss, layout.accum, inputs)
     if not fast.set_to_none:
         preallocate_grads(model)
@@ -577,6 +582,7 @@ def attach(
             layout.per_device,
             acc.backward,
             lambda: optimizer.zero_grad(set_to_none=fast.set_to_none),
+            between=between_shapes,
         )
         fast.cache_lookups = lookups_since(before)
         if decision.cache and acc.is_main_process:

@@ -17,12 +17,12 @@ import time
 import torch
 
 from train.config import Config
-from train.engine import dist
 from train.engine.hooks import Hooks
-from train.engine.preempt import requeue_if_slurm
+from train.engine.preempt import StopFlag, requeue_if_slurm
 from train.engine.run import Run
 from train.engine.run_info import end_info, update_run_info
 from train.engine.setup import setup
+from train.errors import StopRequested
 from train.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,16 @@ NO_HOOKS = Hooks()
 __all__ = ["Run", "run", "setup", "train", "train_one_epoch"]
 
 
-def run(cfg: Config, argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
+def run(
+    cfg: Config, argv: list[str] | None = None, hooks: Hooks | None = None, stop: StopFlag | None = None
+) -> int:
     """The whole program after the config is loaded; returns the exit code (errors raise, see train/cli.py).
 
-    ``hooks``: what writes the run's outputs (train/outputs/hooks.py, given by the CLI); none by default."""
+    ``hooks``: what writes the run's outputs (train/outputs/hooks.py, given by the CLI); none by default.
+    ``stop``: the signal flag the CLI installed first thing; a stop agreed before the first step raises
+    :class:`~train.errors.StopRequested` (nothing to save), one after it ends in a checkpoint."""
     hooks = hooks or NO_HOOKS
-    started = setup(cfg, hooks, argv)
+    started = setup(cfg, hooks, argv, stop)
     if started is None:
         return 0  # finished before: the hooks showed its summary
     results = train(started, hooks)
@@ -62,20 +66,24 @@ def train(run: Run, hooks: Hooks = NO_HOOKS) -> dict | None:
 def _train(run: Run, hooks: Hooks) -> dict | None:
     cfg, st = run.cfg, run.state
     steps_per_epoch = run.built.data.sampler.steps_per_epoch()
+    if st.eval_due:  # a stop abandoned this step's evaluation: made now, as the uninterrupted run made it
+        evaluate(run, hooks)
     for epoch in range(st.epoch, cfg.train.epochs):
-        if st.global_step >= run.built.total_steps or st.early_stopped:
+        if st.global_step >= run.built.total_steps or st.early_stopped or run.stop.agreed:
             break
         st.epoch = epoch
         train_one_epoch(run, hooks)
         if run.stop.agreed:
-            preempt(run)
-            return None
+            break
         if st.step_in_epoch == steps_per_epoch:
             st.epoch, st.step_in_epoch = epoch + 1, 0
             if run.evaluator.should_eval(st.global_step, epoch_end=True):
                 evaluate(run, hooks)
-    if run.evaluator.should_eval(st.global_step, end=True):
+    if not run.stop.agreed and run.evaluator.should_eval(st.global_step, end=True):
         evaluate(run, hooks)
+    if run.stop.agreed:
+        preempt(run)
+        return None
     return finish(run, hooks)
 
 
@@ -121,8 +129,9 @@ def train_one_epoch(run: Run, hooks: Hooks = NO_HOOKS) -> None:
             win = Window(acc.device)
         if run.evaluator.should_eval(st.global_step):
             evaluate(run, hooks)  # before the checkpoint of the same step, so that it holds this eval
-        run.checkpointer.maybe_save(st.global_step)
-        run.stop.agreed = should_stop(run)  # voted every step, so all ranks stop after the same one
+        if not run.stop.agreed:  # (a stop during the evaluation: preempt saves this step)
+            run.checkpointer.maybe_save(st.global_step)
+            run.stop.agreed = run.stop.vote()  # voted every step, so all ranks stop after the same one
         if st.global_step >= b.total_steps or run.stop.agreed or st.early_stopped:
             break
 
@@ -179,24 +188,24 @@ def log_train(run: Run, win: Window) -> None:
     run.bar.logged(row["train/loss"], row["train/lr"], row["perf/samples_per_s"])
 
 
-def should_stop(run: Run) -> bool:
-    """All ranks agree to stop at the same step if any of them got a signal.
-
-    The vote runs on the CPU over gloo, so asking every step costs no host-device synchronisation.
-    """
-    stop = dist.any_rank(run.stop.raised)
-    if stop and not run.stop.raised:
-        run.stop.signum = -1  # a peer was signalled
-    return stop
-
-
 def evaluate(run: Run, hooks: Hooks) -> None:
-    """Collective. An evaluation and what follows from a new best: ``best/``, then the test predictions."""
-    evaluation = run.evaluator.evaluate(run.epoch)
+    """Collective. An evaluation and what follows from a new best: ``best/``, then the test predictions. A stop
+    agreed during it abandons it (nothing recorded) and sets ``run.stop.agreed``: the caller checkpoints."""
+    step = run.state.global_step
+    try:
+        evaluation = run.evaluator.evaluate(run.epoch)
+    except StopRequested as stopped:
+        run.stop.agreed = True
+        run.built.model.train()
+        if run.acc.is_main_process:
+            log.warning(
+                "stopped while %s at step %d: abandoned, redone after the resume", stopped.where, step
+            )
+        return
     hooks.on_eval(run, evaluation)
     if evaluation.improved:
         run.checkpointer.export(run.built.model, run.built.tokenizer, "best")
-        hooks.on_best(run, evaluation, run.evaluator.predict_tests())
+        hooks.on_best(run, evaluation, evaluation.tests)
     run.built.model.train()
 
 

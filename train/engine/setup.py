@@ -32,10 +32,16 @@ from train.tracking.tracker import Tracker
 log = logging.getLogger(__name__)
 
 
-def setup(cfg: Config, hooks: Hooks | None = None, argv: list[str] | None = None) -> Run | None:
+def setup(
+    cfg: Config, hooks: Hooks | None = None, argv: list[str] | None = None, stop: StopFlag | None = None
+) -> Run | None:
     """Everything a run needs; None when the run folder holds this run already finished (``hooks.on_skip``).
-    ``argv``: the command line's arguments (for messages that say what to run)."""
+
+    ``argv``: the command line's arguments (for messages that say what to run). ``stop``: the signal flag the CLI
+    installed first thing (installed here when not given). Every stage ends with its check (a stop agreed there
+    raises :class:`~train.errors.StopRequested`: nothing trained, nothing saved)."""
     hooks = hooks or Hooks()
+    stop = stop or StopFlag().install()
     task = get_task(cfg.data.task)
     start = runfolder.inspect(cfg, lambda p: dist.resolve_precision(p, torch.cuda.is_available()), argv)
     if not start.trains:
@@ -48,8 +54,9 @@ def setup(cfg: Config, hooks: Hooks | None = None, argv: list[str] | None = None
     )
     backend = backends.current()  # chosen by the launch (configs/accelerate/*.yaml), never by the run config
     acc = dist.make_accelerator(cfg.precision, layout.accum, backend)
+    stop.check("starting")  # the first check every rank of a launch takes together
     tracker = Tracker(cfg, start.out, acc.is_main_process, backend)  # W&B settings checked before loading
-    built = build(cfg, task, acc, layout, backend)
+    built = build(cfg, task, acc, layout, backend, stop)
     if acc.is_main_process:
         runfolder.claim(start, cfg)  # only now: the marker, the old run moved aside, config.yaml
     acc.wait_for_everyone()
@@ -58,6 +65,7 @@ def setup(cfg: Config, hooks: Hooks | None = None, argv: list[str] | None = None
     guard = Guard(acc, built.model, precision, max_skips, partial(checkpoint.newest, start.out), backend)
     checkpointer = Checkpointer(cfg, acc, backend, start.out, guard, built.scheduler, built.data.sources)
     state, resumed = checkpointer.restore(start)  # after compiling: the RNG states are the checkpoint's
+    stop.check("restoring the checkpoint")
     tracker.rewind(state.global_step)
     run = Run(
         cfg=cfg,
@@ -69,15 +77,14 @@ def setup(cfg: Config, hooks: Hooks | None = None, argv: list[str] | None = None
         precision=precision,
         built=built,
         tracker=tracker,
-        stop=StopFlag(),
+        stop=stop,
         state=state,
         guard=guard,
         checkpointer=checkpointer,
-        evaluator=Evaluator(cfg, task, acc, built, state, tracker, guard),
+        evaluator=Evaluator(cfg, task, acc, built, state, tracker, guard, stop),
         bar=Progress(built.total_steps, state.global_step, f"train {task.name}", acc.is_main_process),
         resumed=resumed,
     )
-    run.stop.install()
     write_run_info(run)
     state.wandb_run_id = tracker.start(
         state.wandb_run_id,

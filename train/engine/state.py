@@ -60,6 +60,7 @@ class TrainState:
     tokens: int = 0  # real (non-pad) tokens of them
     evals_without_improvement: int = 0  # since the best eval (train.early_stopping_patience)
     early_stopped: EarlyStop | None = None  # once patience ran out
+    eval_due: bool = False  # a stop abandoned the evaluation of global_step: the resumed run makes it first
 
     @property
     def last_eval_step(self) -> int:
