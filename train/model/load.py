@@ -14,7 +14,7 @@ from train.config import Config
 from train.data.batches import Inputs
 from train.data.glue import offline_advice, resolve_builtin
 from train.data.tokenized import check_max_length, min_max_length
-from train.errors import ConfigError
+from train.errors import ConfigError, reading
 from train.model import warm_start
 from train.tasks import Task
 
@@ -58,6 +58,14 @@ def _load_error(name: str, e: Exception) -> ConfigError:
     return ConfigError(f"model.name_or_path: could not load '{name}' ({_first_line(e)}); {what}")
 
 
+def _model_files(name: str, key: str) -> str:
+    """The hint for a model folder a library could not read."""
+    return (
+        f"the files are damaged or incomplete; download or copy the checkpoint again (or save it anew with "
+        f"save_pretrained), or point {key} at a complete one"
+    )
+
+
 def _check_tokenizer_files(name: str, key: str = "model.name_or_path") -> None:
     folder = Path(name)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -77,16 +85,19 @@ def load_tokenizer(cfg: Config):
 
     src = warm_start.resolve(cfg)
     name = str(src.model_dir) if src else resolve_builtin(cfg.model.name_or_path)
-    _check_tokenizer_files(name, "model.init_from" if src else "model.name_or_path")
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            name,
-            revision=None if src else cfg.model.revision,
-            use_fast=True,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        raise _load_error(name, e) from None
+    key = "model.init_from" if src else "model.name_or_path"
+    _check_tokenizer_files(name, key)
+    with reading(f"{key}: the tokenizer in", name, _model_files(name, key), ConfigError):
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                name,
+                revision=None if src else cfg.model.revision,
+                use_fast=True,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+            raise _load_error(name, e) from None
+        _check_vocabulary(name, tok)  # the first call of the tokenizer: a broken vocabulary fails here
     if not getattr(tok, "is_fast", False):
         raise ConfigError(
             f"model.name_or_path: '{name}' has no fast tokenizer; a tokenizers-backed one is required"
@@ -99,7 +110,6 @@ def load_tokenizer(cfg: Config):
             )
         tok.pad_token = tok.eos_token  # what the HF docs do for decoder checkpoints (GPT-2, Llama, ...)
         log.info("tokenizer has no pad token: padding with its EOS token %r", tok.eos_token)
-    _check_vocabulary(name, tok)
     return tok
 
 
@@ -210,12 +220,14 @@ def load_model(cfg: Config, task: Task, tokenizer):
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
         kwargs["problem_type"] = None  # a checkpoint fine-tuned for regression (STS-B) must not stay one
-    try:
-        mcfg = AutoConfig.from_pretrained(
-            name, revision=revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs
-        )
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise _load_error(name, e) from None
+    key = "model.init_from" if src else "model.name_or_path"
+    with reading(f"{key}: the config.json in", name, _model_files(name, key), ConfigError):
+        try:
+            mcfg = AutoConfig.from_pretrained(
+                name, revision=revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise _load_error(name, e) from None
     if cfg.model.dropout is not None:
         changed = set_dropout(mcfg, cfg.model.dropout)
         log.info("model.dropout=%g set in the model config: %s", cfg.model.dropout, ", ".join(changed) or "-")
@@ -229,30 +241,31 @@ def load_model(cfg: Config, task: Task, tokenizer):
         "output_loading_info": True,  # (model, info): the load report, in one log line
         **_attention_kwargs(cfg, cls, name),
     }
-    try:
-        with _quiet_transformers():  # its multi-line load report becomes the one line below
-            if src:
-                model, info = warm_start.load(cls, src, mcfg, task, cfg.model.init_head, **load_kwargs)
-            else:
-                model, info = cls.from_pretrained(name, config=mcfg, revision=revision, **load_kwargs)
-    except RuntimeError as e:
-        if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
-            raise ConfigError(
-                f"model.name_or_path: '{name}' has a classification head of another size than task "
-                f"{task.name} needs ({task.num_labels} outputs). Use the encoder without its head, or set "
-                "model.ignore_mismatched_sizes=true to re-initialise the head"
-            ) from None
-        raise
-    except (ImportError, ValueError) as e:
-        msg = str(e).lower()
-        if cfg.model.attn_implementation != "auto" and ("attention" in msg or "flash" in msg):
-            raise ConfigError(
-                f"model.attn_implementation={cfg.model.attn_implementation} cannot be used here "
-                f"({_first_line(e)}); use sdpa, eager or auto"
-            ) from None
-        raise _load_error(name, e) from None
-    except OSError as e:
-        raise _load_error(name, e) from None
+    with reading(f"{key}: the weights in", name, _model_files(name, key), ConfigError):
+        try:
+            with _quiet_transformers():  # its multi-line load report becomes the one line below
+                if src:
+                    model, info = warm_start.load(cls, src, mcfg, task, cfg.model.init_head, **load_kwargs)
+                else:
+                    model, info = cls.from_pretrained(name, config=mcfg, revision=revision, **load_kwargs)
+        except RuntimeError as e:
+            if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+                raise ConfigError(
+                    f"model.name_or_path: '{name}' has a classification head of another size than task "
+                    f"{task.name} needs ({task.num_labels} outputs). Use the encoder without its head, or set "
+                    "model.ignore_mismatched_sizes=true to re-initialise the head"
+                ) from None
+            raise
+        except (ImportError, ValueError) as e:
+            msg = str(e).lower()
+            if cfg.model.attn_implementation != "auto" and ("attention" in msg or "flash" in msg):
+                raise ConfigError(
+                    f"model.attn_implementation={cfg.model.attn_implementation} cannot be used here "
+                    f"({_first_line(e)}); use sdpa, eager or auto"
+                ) from None
+            raise _load_error(name, e) from None
+        except OSError as e:
+            raise _load_error(name, e) from None
     _check_embeddings(model, tokenizer, name)
     log.info("loaded %s (%s)%s", name, type(model).__name__, _load_report(info))
     model.init_source = src.record() if src else None
