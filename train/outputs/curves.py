@@ -28,8 +28,8 @@ import json
 import logging
 from pathlib import Path
 
-from train.errors import ReportError
-from train.files import write_atomic
+from train.errors import ReportError, UserError
+from train.files import read_jsonl, write_atomic
 from train.outputs.card import dev_metric_names
 from train.tasks import Task, get_task
 
@@ -87,7 +87,7 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def draw(title: str, task: Task, rows: list[dict], best_step: int | None):
@@ -175,7 +175,9 @@ def report_single(run_dir: str | Path, out_dir: str | Path | None = None) -> int
     ) as files:
         try:
             files.write(FILE, render(run_dir))
-        except ValueError as e:
+        except ValueError as e:  # the run's identity (run_identity); a damaged file is an InputError already
+            if isinstance(e, UserError):
+                raise
             raise ReportError(str(e)) from None
     print(folder / FILE)
     return 0
