@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from train.config import Config
 from train.data import batches, tokenized
+from train.data.metrics import unscorable
 from train.engine.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
+from train.errors import ConfigError
 from train.model.load import load_model, load_tokenizer, model_inputs
 from train.tasks import Split, Task
 
@@ -92,6 +94,12 @@ def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator) -> Splits:
     def split_ds(split: Split, limit: int | None):
         ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer, acc.main_process_first)
         ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+        problem = unscorable(task, list(ds["label"])) if limit and split.kind == "dev" else None
+        if problem:
+            raise ConfigError(
+                f"data.max_eval_samples={limit}: the first {len(ds)} rows of {task.name}'s {split.name} split "
+                f"cannot give the task's metrics ({problem}); raise data.max_eval_samples or unset it"
+            )
         rows[split.name] = len(ds)
         return ds
 
