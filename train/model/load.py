@@ -7,7 +7,10 @@ signature (:func:`model_inputs`), dropout keys from the model's config, limits f
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import math
+import re
 from pathlib import Path
 
 from train.config import Config
@@ -126,6 +129,48 @@ def _check_vocabulary(name: str, tok) -> None:
         )
 
 
+# Config fields that size or count what the model allocates (the naming every family follows: num_hidden_layers,
+# hidden_size, num_attention_heads, vocab_size, max_position_embeddings, ...).
+_SIZE_FIELD = re.compile(r"^num_|_size$|layers|heads|vocab|position")
+
+
+def stored_weights(folder: Path) -> int | None:
+    """How many numbers the folder's safetensors files hold, from their headers (nothing else is read); None
+    when there are none or a header cannot be read (the loader then says why)."""
+    total, found = 0, False
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+            tensors = [v for k, v in header.items() if k != "__metadata__"]
+            total += sum(math.prod(t["shape"]) for t in tensors)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        found = True
+    return total if found else None
+
+
+def _check_sizes(mcfg, name: str, key: str) -> None:
+    """A config.json whose sizes the weights beside it cannot fill (a layer count of 10^12 would build layers
+    for hours before any file is read): each size or count at most the number of weights stored."""
+    stored = stored_weights(Path(name)) if Path(name).is_dir() else None
+    if stored is None:
+        return
+    for field, value in sorted(mcfg.to_dict().items()):
+        if (
+            _SIZE_FIELD.search(field)
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and value > stored
+        ):
+            raise ConfigError(
+                f"{key}: {Path(name) / 'config.json'} sets {field}={value}, more than the {stored} weights its "
+                "safetensors files hold; the config does not describe these weights. Put the checkpoint's own "
+                "config.json back (download or copy it again)"
+            )
+
+
 def set_dropout(mcfg, p: float) -> dict[str, float]:
     """Set every dropout probability of the config (any field whose name contains 'dropout') to ``p``."""
     changed = {}
@@ -228,6 +273,7 @@ def load_model(cfg: Config, task: Task, tokenizer):
             )
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise _load_error(name, e) from None
+    _check_sizes(mcfg, name, key)
     if cfg.model.dropout is not None:
         changed = set_dropout(mcfg, cfg.model.dropout)
         log.info("model.dropout=%g set in the model config: %s", cfg.model.dropout, ", ".join(changed) or "-")
