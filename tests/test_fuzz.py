@@ -106,11 +106,52 @@ def cli(argv: list[str]) -> tuple[int, str, str]:
 # ----------------------------------------------------------------------------------------------------------
 # odd values
 
-KEYS = [leaf.key for leaf in leaves(Config())]  # every key of the tree: a new key is fuzzed without a change here
+KEYS = [
+    leaf.key for leaf in leaves(Config())
+]  # every key of the tree: a new key is fuzzed without a change here
 ODD_TEXT = [
-    "", " ", "none", "null", "~", "yes", "no", "on", "true", "1e400", "-0", "0x10", "1_000", "2**32", "4294967296",
-    "-1", "0", "0.5", "nan", "-inf", "{task}", "{", "}", "{seed:zz}", "{0}", "$NOPE_NOT_SET", "~/x", "builtin:nope",
-    "builtin:tiny-bert", "a,b", ",", "[1", "[]", "{}", "\x00", "é", "💥", "../..", "/", "x" * 300, "auto", "never",
+    "",
+    " ",
+    "none",
+    "null",
+    "~",
+    "yes",
+    "no",
+    "on",
+    "true",
+    "1e400",
+    "-0",
+    "0x10",
+    "1_000",
+    "2**32",
+    "4294967296",
+    "-1",
+    "0",
+    "0.5",
+    "nan",
+    "-inf",
+    "{task}",
+    "{",
+    "}",
+    "{seed:zz}",
+    "{0}",
+    "$NOPE_NOT_SET",
+    "~/x",
+    "builtin:nope",
+    "builtin:tiny-bert",
+    "a,b",
+    ",",
+    "[1",
+    "[]",
+    "{}",
+    "\x00",
+    "é",
+    "💥",
+    "../..",
+    "/",
+    "x" * 300,
+    "auto",
+    "never",
 ]
 values = st.one_of(
     st.sampled_from(ODD_TEXT),
@@ -209,7 +250,9 @@ def mutated(draw, raw: bytes) -> bytes:
     if kind in ("row", "field", "label"):
         n = draw(st.integers(0, max(0, len(lines) - 2)))
         fields = lines[n].split(b"\t")
-        text = draw(st.one_of(st.text(max_size=20), st.sampled_from(ODD_TEXT))).encode("utf-8", "surrogatepass")
+        text = draw(st.one_of(st.text(max_size=20), st.sampled_from(ODD_TEXT))).encode(
+            "utf-8", "surrogatepass"
+        )
         if kind == "row":
             lines[n] = text
         else:
@@ -321,7 +364,7 @@ def _model_contract(data) -> None:
         assert digest(folder) == before
 
 
-@budget(12)
+@budget(10)
 @given(data=st.data())
 def test_a_damaged_model_folder(data) -> None:
     _model_contract(data)
@@ -349,7 +392,9 @@ def _real(args: list[str], what: str, user: list[Path]) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-small = st.one_of(st.sampled_from(ODD_TEXT), st.integers(-3, 600), st.floats(-1e3, 1e3), st.booleans(), st.none())
+small = st.one_of(
+    st.sampled_from(ODD_TEXT), st.integers(-3, 600), st.floats(-1e3, 1e3), st.booleans(), st.none()
+)
 
 
 @pytest.mark.slow
