@@ -119,8 +119,8 @@ def rank() -> int:
     return _env_int("RANK", 0) or 0
 
 
-# Set by every launcher this program runs under (torchrun, accelerate launch, deepspeed; the sbatch scripts use
-# torchrun): a rank without them was not started by a launcher.
+# Set by every launcher this program runs under (torchrun and its wrappers, which the sbatch scripts use too): a
+# rank without them was not started by a launcher.
 LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT")
 RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
