@@ -418,7 +418,7 @@ def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.slow
-@budget(10)
+@budget(5)
 @given(data=st.data())
 def test_a_run_folder_with_a_damaged_file(data, finished_run, tmp_path_factory) -> None:
     src, args = finished_run

@@ -291,21 +291,26 @@ def finished(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("name", "data", "expect"),
+    ("name", "data", "expect", "commands"),
     [
-        ("metrics.jsonl", b"\xff\xfe{\n", "metrics.jsonl: cannot be read (UnicodeDecodeError"),
-        ("metrics.jsonl", b"[1]\n", "metrics.jsonl:"),
-        ("run_info.json", b"[]", "run_info.json: holds a JSON list, not a dict"),
+        (
+            "metrics.jsonl",
+            b"\xff\xfe{\n",
+            "metrics.jsonl: cannot be read (UnicodeDecodeError",
+            ("summary", "card"),
+        ),
+        ("metrics.jsonl", b"[1]\n", "metrics.jsonl:", ("summary", "card")),
+        ("run_info.json", b"[]", "run_info.json: holds a JSON list, not a dict", ("summary", "card")),
+        ("config.yaml", b"\x80on: auto\n", "config.yaml: cannot be read (UnicodeDecodeError", ("card",)),
     ],
 )
-def test_a_damaged_run_folder_file_is_named(finished, tmp_path, name, data, expect) -> None:
+def test_a_damaged_run_folder_file_is_named(finished, tmp_path, name, data, expect, commands) -> None:
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     with open(out / name, "ab" if name.endswith(".jsonl") else "wb") as fh:
         fh.write(data)
-    for command in (["summary", str(out)], ["card", str(out)]):
-        proc = run_train(command, check=False)
-        one_error(proc, expect)
+    for command in commands:
+        one_error(run_train([command, str(out)], check=False), expect)
 
 
 def test_a_metrics_row_cut_by_a_kill_is_skipped(finished, tmp_path) -> None:

@@ -58,6 +58,25 @@ def read_json(path: str | Path, kind: type = dict, hint: str = DAMAGED) -> Any:
     return data
 
 
+def read_mapping(path: str | Path, hint: str = DAMAGED) -> dict:
+    """A YAML mapping (a run folder's config.yaml); damage is an InputError naming it, an empty file is {}. A
+    missing file raises FileNotFoundError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such file", str(path))
+    with reading("file", path, hint):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(
+            f"file {path}: holds a YAML {type(data).__name__}, not a mapping of settings; {hint}"
+        )
+    return data
+
+
 def read_jsonl(path: str | Path, hint: str = DAMAGED) -> list[dict]:
     """The rows of a JSON-lines file (a last line cut by a kill is skipped: the writer appends whole lines); any
     other damage is an InputError naming the file and line."""

@@ -22,7 +22,7 @@ import yaml
 
 from train.data.metrics import METRICS
 from train.errors import CardError, guarded
-from train.files import read_json, read_jsonl
+from train.files import read_json, read_jsonl, read_mapping
 from train.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -53,12 +53,10 @@ def _read_json(path: Path) -> dict:
 
 def _read_config(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_mapping(path)
     except FileNotFoundError:
         raise CardError(f"{path} not found: a model card is built from a finished run's files") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise CardError(f"{path} cannot be read ({e})") from None
-    if not isinstance(data, dict):
+    if not data:
         raise CardError(f"{path} is not a config mapping")
     return data
 

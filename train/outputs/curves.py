@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import logging
 from pathlib import Path
 
-from train.errors import ReportError, UserError
-from train.files import read_jsonl, write_atomic
+from train.errors import InputError, ReportError, UserError
+from train.files import read_json, read_jsonl, read_mapping, write_atomic
 from train.outputs.card import dev_metric_names
 from train.tasks import Task, get_task
 
@@ -57,23 +56,21 @@ def is_run_folder(path: str | Path) -> bool:
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, InputError):  # missing or damaged: the other file may name the task
         return {}
 
 
 def run_identity(run_dir: Path) -> tuple[Task, str]:
     """The run's task and its name ``<task>-<model>-s<seed>`` (as W&B names it), from eval_results.json when
     finished, else config.yaml."""
-    import yaml
 
     from train.config import model_short_name
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = read_mapping(run_dir / "config.yaml")
+    except (OSError, InputError):
         cfg = {}
-    cfg = cfg if isinstance(cfg, dict) else {}
     results = _json(run_dir / "eval_results.json")
     name = results.get("task") or (cfg.get("data") or {}).get("task")
     if not name:
