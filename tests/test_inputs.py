@@ -322,3 +322,13 @@ def test_a_metrics_row_cut_by_a_kill_is_skipped(finished, tmp_path) -> None:
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 9, "train/lo')  # the row being written when the run was killed
     assert read_jsonl(out / "metrics.jsonl") == rows
+
+
+def test_an_error_of_every_rank_is_said_once_under_torchrun(tmp_path) -> None:
+    """Both ranks of a real launch meet the same config error: one ``error:`` line, not two, not none."""
+    args = ["--config", str(SMOKE), "train.lr=-1", f"output_dir={tmp_path / 'run'}"]
+    proc = run_train(args, nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: command line: train.lr must be > 0, got -1.0"
+    ]
