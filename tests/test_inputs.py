@@ -332,3 +332,12 @@ def test_an_error_of_every_rank_is_said_once_under_torchrun(tmp_path) -> None:
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
         "error: command line: train.lr must be > 0, got -1.0"
     ]
+
+
+def test_a_wandb_setting_that_wandb_refuses(tmp_path) -> None:
+    """A tag of 300 characters: W&B's own settings check (pydantic) raised a traceback at wandb.init."""
+    tag = "x" * 300
+    args = ["--config", str(SMOKE), *FAST, f"output_dir={tmp_path / 'run'}", "tracking.wandb.project=p"]
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    proc = run_train([*args, f"tracking.wandb.tags=a,{tag}"], check=False, env=env, timeout=120)
+    one_error(proc, "W&B: the settings", "run_tags", "Tags must be between 1 and 64 characters")

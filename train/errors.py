@@ -227,6 +227,13 @@ def error_text(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    with_errors = getattr(e, "errors", None)  # pydantic's ValidationError: its first line only counts them
+    if callable(with_errors):
+        try:
+            first = with_errors()[0]
+            text = f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', '')}"[:300]
+        except Exception:  # noqa: BLE001, S110 - another library's errors(): keep its first line
+            pass
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
