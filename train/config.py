@@ -398,6 +398,13 @@ class Config(Section):
                 f"output_dir={template!r} names {{{bad[0]}}}; a template may only use "
                 + ", ".join(f"{{{n}}}" for n in OUTPUT_FIELDS)
             )
+        try:  # a format spec or conversion that the values cannot take ({seed:zz}, {task:d})
+            template.format(task="mnli", model="bert-base-uncased", seed=self.seed)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"output_dir={template!r} is not a valid template ({e}); write {{task}}, {{model}} and {{seed}} "
+                "without a format spec, and {{ and }} for literal braces"
+            ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from train.config import DataConfig
+from train.data.metrics import unscorable
 from train.errors import DataError, EnvironmentProblem
 from train.tasks import Split, Task
 
@@ -173,6 +174,12 @@ class RowCheck:
             raise DataError(
                 f"{self.source}: no rows (task {self.task.name}, split {self.split.name}); a {self.split.kind} "
                 "split needs at least one, put the file back or point data.glue_dir at a complete GLUE folder"
+            )
+        problem = unscorable(self.task, columns["label"]) if self.split.kind == "dev" else None
+        if problem:
+            raise DataError(
+                f"{self.source}: this dev set cannot give task {self.task.name}'s metrics ({problem}); use a dev "
+                "file with more rows of different scores (the official one has 1500)"
             )
         return Columns(columns, self.notes())
 

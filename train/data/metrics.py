@@ -7,7 +7,7 @@ summary and report read the names): scikit-learn and scipy are imported when a m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,13 +38,13 @@ def _matthews(pred: np.ndarray, labels: np.ndarray) -> float:
 def _pearson(pred: np.ndarray, labels: np.ndarray) -> float:
     from scipy.stats import pearsonr
 
-    return _finite(pearsonr(pred, labels)[0])
+    return _finite(pearsonr(pred, labels)[0]) if len(labels) >= 2 else 0.0  # scipy refuses one value
 
 
 def _spearman(pred: np.ndarray, labels: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
-    return _finite(spearmanr(pred, labels)[0])
+    return _finite(spearmanr(pred, labels)[0]) if len(labels) >= 2 else 0.0
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,15 @@ class Metric:
     hub_id: str  # the model card's model-index metric type (the Hub's metric id)
     title: str  # the model card's display name
     short: str  # the report's column name
+    spread: bool = False  # a correlation: no value on fewer than two rows or on labels that are all the same
 
 
 METRICS: dict[str, Metric] = {
     "accuracy": Metric(_accuracy, "accuracy", "Accuracy", "accuracy"),
     "f1": Metric(_f1, "f1", "F1", "F1"),
     "matthews_corr": Metric(_matthews, "matthews_correlation", "Matthews Correlation", "Matthews corr"),
-    "pearson": Metric(_pearson, "pearsonr", "Pearson", "Pearson"),
-    "spearman": Metric(_spearman, "spearmanr", "Spearman", "Spearman"),
+    "pearson": Metric(_pearson, "pearsonr", "Pearson", "Pearson", spread=True),
+    "spearman": Metric(_spearman, "spearmanr", "Spearman", "Spearman", spread=True),
 }
 
 
@@ -72,6 +73,19 @@ def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> 
     out = {name: METRICS[name].compute(predictions, labels) for name in task.metrics}
     out["score"] = float(np.mean([out[m] for m in task.metrics]))
     return out
+
+
+def unscorable(task: Task, labels: Sequence[float]) -> str | None:
+    """Why the task's metrics have no value on a dev split with these labels (one clause), or None: checked where
+    the dev set is read, so a dev set that cannot score the run is refused before training, not after it."""
+    spread = [m for m in task.metrics if METRICS[m].spread]
+    if not spread:
+        return None
+    if len(labels) < 2:
+        return f"it has {len(labels)} row, and {spread[0]} needs at least two"
+    if len(set(labels)) < 2:
+        return f"every one of its {len(labels)} rows has the score {labels[0]!r}, and {spread[0]} needs two different scores"
+    return None
 
 
 PRIMARY_ORDER = (*METRICS, "score", "loss")

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from train.config import Config
 from train.data import batches, tokenized
+from train.data.metrics import unscorable
 from train.engine.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
 from train.engine.preempt import StopFlag
-from train.errors import StopRequested
+from train.errors import ConfigError, StopRequested
 from train.model.load import load_model, load_tokenizer, model_inputs
 from train.tasks import Split, Task
 
@@ -108,6 +109,12 @@ def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator, stop: Stop
         if ds is None:
             ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer)
         ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+        problem = unscorable(task, list(ds["label"])) if limit and split.kind == "dev" else None
+        if problem:
+            raise ConfigError(
+                f"data.max_eval_samples={limit}: the first {len(ds)} rows of {task.name}'s {split.name} split "
+                f"cannot give the task's metrics ({problem}); raise data.max_eval_samples or unset it"
+            )
         rows[split.name] = len(ds)
         if trained:  # the data the run's state depends on (test predictions are made afresh at the end)
             sources[split.name] = {**tokenized.data_fingerprint(cfg.data, task, split), "rows": len(ds)}

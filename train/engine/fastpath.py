@@ -47,6 +47,7 @@ from train.data.batches import Inputs, Layout
 from train.engine.compile_cache import CacheState, CompileCache, compile_key, lookups_since
 from train.engine.compile_cache import cache_dir as compile_cache_dir
 from train.engine.compile_cache import counters as cache_counters
+from train.errors import ConfigError
 
 if TYPE_CHECKING:
     from train.engine.backends import Backend
@@ -103,6 +104,17 @@ class Decision:
         return f"fast path on ({self.reason}): " + ", ".join(parts)
 
 
+def _check_backend(name: str) -> None:
+    """fast.backend names a torch.compile backend of this torch (torch would say so at the first compile)."""
+    from torch._dynamo import list_backends
+
+    known = sorted({*list_backends(exclude_tags=()), "inductor"})
+    if name not in known:
+        raise ConfigError(
+            f"fast.backend={name!r} is not a torch.compile backend here; choose one of {', '.join(known)}"
+        )
+
+
 def decide(
     cfg: Config,
     device: torch.device,
@@ -138,6 +150,8 @@ def decide(
                 f"; CUDA graphs off with {world} processes (untested under DDP; "
                 "fast.compile_mode=reduce-overhead turns them on)"
             )
+    if fc.compile:
+        _check_backend(fc.backend)
     if fc.backend != "inductor":
         mode = None  # modes are inductor options; other backends (aot_eager, eager) take none
     cudagraphs = cuda and fc.compile and mode in ("reduce-overhead", "max-autotune")

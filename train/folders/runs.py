@@ -3,13 +3,12 @@ train.folders.selection and train.model.warm_start; the sweep writes the two fil
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from train.config import model_short_name
+from train.errors import InputError
+from train.files import read_json, read_mapping
 
 MANIFEST = "sweep.json"  # the planned runs (read by train.sweeps.report to list runs that never started)
 STATUS = "sweep_status.json"  # exit code of each run this sweep started (read by train.sweeps.report)
@@ -37,8 +36,8 @@ class RunRecord:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, InputError):  # missing or damaged: the run is listed without it
         return None
 
 
@@ -72,10 +71,10 @@ def _model_name(name_or_path: str) -> str:
 def _results_damage(path: Path) -> str | None:
     """Why a finished run's ``eval_results.json`` cannot be used (None when it can)."""
     try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        results = read_json(path)
+    except (OSError, InputError) as e:
         return f"{path.name} cannot be read ({type(e).__name__})"
-    if not isinstance(results, dict) or "task" not in results or not isinstance(results.get("final"), dict):
+    if "task" not in results or not isinstance(results.get("final"), dict):
         return f"{path.name} lacks the run's task or its final evaluation"
     return None
 
@@ -92,8 +91,8 @@ def _damaged(folder: Path, root: Path, problem: str) -> RunRecord:
 
 def _unfinished(folder: Path, root: Path) -> RunRecord:
     try:
-        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = read_mapping(folder / "config.yaml")
+    except (OSError, InputError):
         cfg = {}
     task, seed = cfg.get("data", {}).get("task"), cfg.get("seed")
     model = _model_name(cfg.get("model", {}).get("name_or_path", ""))

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import yaml
 
+from train.errors import InputError
+from train.files import read_mapping
 from train.tasks import TASKS
 
 SELECTION_FILE = "selection.json"
@@ -143,8 +145,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def run_config(folder: Path) -> dict[str, Any]:
     """A run's resolved config.yaml as dotted keys ({} when it cannot be read)."""
     try:
-        return _flatten(yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {})
-    except (OSError, yaml.YAMLError, AttributeError):
+        return _flatten(read_mapping(Path(folder) / "config.yaml"))
+    except (OSError, InputError, AttributeError):
         return {}
 
 

@@ -7,14 +7,17 @@ signature (:func:`model_inputs`), dropout keys from the model's config, limits f
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import math
+import re
 from pathlib import Path
 
 from train.config import Config
 from train.data.batches import Inputs
 from train.data.glue import offline_advice, resolve_builtin
 from train.data.tokenized import check_max_length, min_max_length
-from train.errors import ConfigError
+from train.errors import ConfigError, reading
 from train.model import warm_start
 from train.tasks import Task
 
@@ -58,6 +61,14 @@ def _load_error(name: str, e: Exception) -> ConfigError:
     return ConfigError(f"model.name_or_path: could not load '{name}' ({_first_line(e)}); {what}")
 
 
+def _model_files(name: str, key: str) -> str:
+    """The hint for a model folder a library could not read."""
+    return (
+        f"the files are damaged or incomplete; download or copy the checkpoint again (or save it anew with "
+        f"save_pretrained), or point {key} at a complete one"
+    )
+
+
 def _check_tokenizer_files(name: str, key: str = "model.name_or_path") -> None:
     folder = Path(name)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -77,16 +88,19 @@ def load_tokenizer(cfg: Config):
 
     src = warm_start.resolve(cfg)
     name = str(src.model_dir) if src else resolve_builtin(cfg.model.name_or_path)
-    _check_tokenizer_files(name, "model.init_from" if src else "model.name_or_path")
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            name,
-            revision=None if src else cfg.model.revision,
-            use_fast=True,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        raise _load_error(name, e) from None
+    key = "model.init_from" if src else "model.name_or_path"
+    _check_tokenizer_files(name, key)
+    with reading(f"{key}: the tokenizer in", name, _model_files(name, key), ConfigError):
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                name,
+                revision=None if src else cfg.model.revision,
+                use_fast=True,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+            raise _load_error(name, e) from None
+        _check_vocabulary(name, tok)  # the first call of the tokenizer: a broken vocabulary fails here
     if not getattr(tok, "is_fast", False):
         raise ConfigError(
             f"model.name_or_path: '{name}' has no fast tokenizer; a tokenizers-backed one is required"
@@ -99,7 +113,6 @@ def load_tokenizer(cfg: Config):
             )
         tok.pad_token = tok.eos_token  # what the HF docs do for decoder checkpoints (GPT-2, Llama, ...)
         log.info("tokenizer has no pad token: padding with its EOS token %r", tok.eos_token)
-    _check_vocabulary(name, tok)
     return tok
 
 
@@ -114,6 +127,48 @@ def _check_vocabulary(name: str, tok) -> None:
             f"unknown token {tok.unk_token!r} (a vocabulary of {len(tok)} entries); it is not the tokenizer "
             "the model was trained with. Put the checkpoint's own tokenizer files next to its weights"
         )
+
+
+# Config fields that size or count what the model allocates (the naming every family follows: num_hidden_layers,
+# hidden_size, num_attention_heads, vocab_size, max_position_embeddings, ...).
+_SIZE_FIELD = re.compile(r"^num_|_size$|layers|heads|vocab|position")
+
+
+def stored_weights(folder: Path) -> int | None:
+    """How many numbers the folder's safetensors files hold, from their headers (nothing else is read); None
+    when there are none or a header cannot be read (the loader then says why)."""
+    total, found = 0, False
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+            tensors = [v for k, v in header.items() if k != "__metadata__"]
+            total += sum(math.prod(t["shape"]) for t in tensors)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        found = True
+    return total if found else None
+
+
+def _check_sizes(mcfg, name: str, key: str) -> None:
+    """A config.json whose sizes the weights beside it cannot fill (a layer count of 10^12 would build layers
+    for hours before any file is read): each size or count at most the number of weights stored."""
+    stored = stored_weights(Path(name)) if Path(name).is_dir() else None
+    if stored is None:
+        return
+    for field, value in sorted(mcfg.to_dict().items()):
+        if (
+            _SIZE_FIELD.search(field)
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and value > stored
+        ):
+            raise ConfigError(
+                f"{key}: {Path(name) / 'config.json'} sets {field}={value}, more than the {stored} weights its "
+                "safetensors files hold; the config does not describe these weights. Put the checkpoint's own "
+                "config.json back (download or copy it again)"
+            )
 
 
 def set_dropout(mcfg, p: float) -> dict[str, float]:
@@ -210,12 +265,15 @@ def load_model(cfg: Config, task: Task, tokenizer):
         kwargs["id2label"] = dict(enumerate(task.labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(task.labels)}
         kwargs["problem_type"] = None  # a checkpoint fine-tuned for regression (STS-B) must not stay one
-    try:
-        mcfg = AutoConfig.from_pretrained(
-            name, revision=revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs
-        )
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise _load_error(name, e) from None
+    key = "model.init_from" if src else "model.name_or_path"
+    with reading(f"{key}: the config.json in", name, _model_files(name, key), ConfigError):
+        try:
+            mcfg = AutoConfig.from_pretrained(
+                name, revision=revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise _load_error(name, e) from None
+    _check_sizes(mcfg, name, key)
     if cfg.model.dropout is not None:
         changed = set_dropout(mcfg, cfg.model.dropout)
         log.info("model.dropout=%g set in the model config: %s", cfg.model.dropout, ", ".join(changed) or "-")
@@ -229,30 +287,31 @@ def load_model(cfg: Config, task: Task, tokenizer):
         "output_loading_info": True,  # (model, info): the load report, in one log line
         **_attention_kwargs(cfg, cls, name),
     }
-    try:
-        with _quiet_transformers():  # its multi-line load report becomes the one line below
-            if src:
-                model, info = warm_start.load(cls, src, mcfg, task, cfg.model.init_head, **load_kwargs)
-            else:
-                model, info = cls.from_pretrained(name, config=mcfg, revision=revision, **load_kwargs)
-    except RuntimeError as e:
-        if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
-            raise ConfigError(
-                f"model.name_or_path: '{name}' has a classification head of another size than task "
-                f"{task.name} needs ({task.num_labels} outputs). Use the encoder without its head, or set "
-                "model.ignore_mismatched_sizes=true to re-initialise the head"
-            ) from None
-        raise
-    except (ImportError, ValueError) as e:
-        msg = str(e).lower()
-        if cfg.model.attn_implementation != "auto" and ("attention" in msg or "flash" in msg):
-            raise ConfigError(
-                f"model.attn_implementation={cfg.model.attn_implementation} cannot be used here "
-                f"({_first_line(e)}); use sdpa, eager or auto"
-            ) from None
-        raise _load_error(name, e) from None
-    except OSError as e:
-        raise _load_error(name, e) from None
+    with reading(f"{key}: the weights in", name, _model_files(name, key), ConfigError):
+        try:
+            with _quiet_transformers():  # its multi-line load report becomes the one line below
+                if src:
+                    model, info = warm_start.load(cls, src, mcfg, task, cfg.model.init_head, **load_kwargs)
+                else:
+                    model, info = cls.from_pretrained(name, config=mcfg, revision=revision, **load_kwargs)
+        except RuntimeError as e:
+            if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+                raise ConfigError(
+                    f"model.name_or_path: '{name}' has a classification head of another size than task "
+                    f"{task.name} needs ({task.num_labels} outputs). Use the encoder without its head, or set "
+                    "model.ignore_mismatched_sizes=true to re-initialise the head"
+                ) from None
+            raise
+        except (ImportError, ValueError) as e:
+            msg = str(e).lower()
+            if cfg.model.attn_implementation != "auto" and ("attention" in msg or "flash" in msg):
+                raise ConfigError(
+                    f"model.attn_implementation={cfg.model.attn_implementation} cannot be used here "
+                    f"({_first_line(e)}); use sdpa, eager or auto"
+                ) from None
+            raise _load_error(name, e) from None
+        except OSError as e:
+            raise _load_error(name, e) from None
     _check_embeddings(model, tokenizer, name)
     log.info("loaded %s (%s)%s", name, type(model).__name__, _load_report(info))
     model.init_source = src.record() if src else None

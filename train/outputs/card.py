@@ -14,7 +14,6 @@ and ``run_info.json``'s. ``check_card`` validates the metadata offline with hugg
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ import yaml
 from train.data.glue import builtin_hub_id
 from train.data.metrics import METRICS
 from train.errors import CardError, guarded
+from train.files import read_json, read_jsonl, read_mapping
 from train.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -47,21 +47,17 @@ PRECISION = {"bf16": "bf16 (mixed precision)", "fp16": "fp16 (mixed precision)",
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         raise CardError(f"{path} not found: a model card is built from a finished run's files") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CardError(f"{path} cannot be read ({e})") from None
 
 
 def _read_config(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_mapping(path)
     except FileNotFoundError:
         raise CardError(f"{path} not found: a model card is built from a finished run's files") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise CardError(f"{path} cannot be read ({e})") from None
-    if not isinstance(data, dict):
+    if not data:
         raise CardError(f"{path} is not a config mapping")
     return data
 
@@ -71,8 +67,7 @@ def eval_rows(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if any(k.startswith("eval/") for k in r)]
+    return [r for r in read_jsonl(path) if any(k.startswith("eval/") for k in r)]
 
 
 def train_loss_at(run_dir: Path) -> dict[int, float]:
@@ -80,8 +75,7 @@ def train_loss_at(run_dir: Path) -> dict[int, float]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["train/loss"] for r in rows if r.get("train/loss") is not None}
+    return {r["step"]: r["train/loss"] for r in read_jsonl(path) if r.get("train/loss") is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import logging
 from pathlib import Path
 
-from train.errors import ReportError
-from train.files import write_atomic
+from train.errors import InputError, ReportError, UserError
+from train.files import read_json, read_jsonl, read_mapping, write_atomic
 from train.outputs.card import dev_metric_names
 from train.tasks import Task, get_task
 
@@ -58,23 +57,21 @@ def is_run_folder(path: str | Path) -> bool:
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, InputError):  # missing or damaged: the other file may name the task
         return {}
 
 
 def run_identity(run_dir: Path) -> tuple[Task, str]:
     """The run's task and its name ``<task>-<model>-s<seed>`` (as W&B names it), from eval_results.json when
     finished, else config.yaml."""
-    import yaml
 
     from train.config import model_short_name
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = read_mapping(run_dir / "config.yaml")
+    except (OSError, InputError):
         cfg = {}
-    cfg = cfg if isinstance(cfg, dict) else {}
     results = _json(run_dir / "eval_results.json")
     name = results.get("task") or (cfg.get("data") or {}).get("task")
     if not name:
@@ -88,7 +85,7 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def draw(title: str, task: Task, rows: list[dict], best_step: int | None):
@@ -176,7 +173,9 @@ def report_single(run_dir: str | Path, out_dir: str | Path | None = None) -> int
     ) as files:
         try:
             files.write(FILE, render(run_dir))
-        except ValueError as e:
+        except ValueError as e:  # the run's identity (run_identity); a damaged file is an InputError already
+            if isinstance(e, UserError):
+                raise
             raise ReportError(str(e)) from None
     print(folder / FILE)
     return 0

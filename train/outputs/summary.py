@@ -8,19 +8,20 @@ same at the end of training, on a rerun of a finished run, and for any run folde
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from train.data.metrics import metrics_text
 from train.errors import DataError, guarded
+from train.files import read_json, read_jsonl
 
 
 def _read(path: Path) -> Any:
+    """A run-folder JSON mapping, or None when it is missing (damage is an error naming the file)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except FileNotFoundError:
         return None
 
 
@@ -70,13 +71,7 @@ def lines(run_dir: str | Path) -> list[str]:
     out = Path(run_dir).resolve()
     res = _read(out / "eval_results.json") or {}
     info = _read(out / "run_info.json") or {}
-    rows = []
-    if (out / "metrics.jsonl").is_file():
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
     model = Path(str(res.get("model", "?")).replace("builtin:", "")).name
     head = f"run finished: {res.get('task', '?')} · {model} · seed {res.get('seed', '?')}"
     text = [f"==== {head} ====", f"  {'folder':<12}{out}"]

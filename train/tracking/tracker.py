@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from train.config import Config, DataConfig
     from train.tasks import Split, Task
 
-from train.files import write_atomic
+from train.files import read_jsonl, write_atomic
 from train.tracking import panels
 from train.tracking.throughput import ParamCounter, Throughput
 from train.tracking.wandb_sink import WandbSink, resolve_wandb
@@ -185,4 +185,4 @@ def _tflops(peak: float | None) -> float | None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return read_jsonl(path)

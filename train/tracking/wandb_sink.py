@@ -195,7 +195,7 @@ class WandbSink:
         stops with an error."""
         import wandb
 
-        from train.errors import ConfigError
+        from train.errors import ConfigError, reading
 
         s = self.settings
         s.dir.mkdir(parents=True, exist_ok=True)
@@ -208,20 +208,23 @@ class WandbSink:
                 )
             log.warning("W&B: no API key (run `wandb login` or set WANDB_API_KEY): logging offline instead")
             s.mode = "offline"
-        try:
-            return self._wandb_init(run_id)
-        except (wandb.errors.Error, OSError, TimeoutError) as e:
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            if s.mode != "online" or s.required:
-                raise ConfigError(
-                    f"W&B could not start ({why}); check the network and the key, or use {how}"
-                ) from None
-            log.warning(
-                "W&B could not be reached within %d s (%s): logging offline instead", INIT_TIMEOUT_S, why
-            )
-            s.mode = "offline"
-            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service process
-            return self._wandb_init(run_id)
+        # what W&B's own checks raise on a setting (a tag too long, ...) names the setting; network and key
+        # problems are handled inside (offline fallback)
+        with reading("W&B: the settings", "(tracking.wandb.* and $WANDB_*)", "fix the value W&B names"):
+            try:
+                return self._wandb_init(run_id)
+            except (wandb.errors.Error, OSError, TimeoutError) as e:
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                if s.mode != "online" or s.required:
+                    raise ConfigError(
+                        f"W&B could not start ({why}); check the network and the key, or use {how}"
+                    ) from None
+                log.warning(
+                    "W&B could not be reached within %d s (%s): logging offline instead", INIT_TIMEOUT_S, why
+                )
+                s.mode = "offline"
+                wandb.teardown()  # the failed online attempt still holds the run id in W&B's service process
+                return self._wandb_init(run_id)
 
     def _describe_run(self) -> dict[str, Any]:
         """Where this W&B run lives: its URL online, the folder and `wandb sync` command offline."""
