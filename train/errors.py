@@ -28,6 +28,9 @@ class UserError(Exception):
 
     everywhere = True
     exit_code = 2
+    # What the error is about, when ranks word it differently (each names its own shard of one checkpoint):
+    # the launch then shows it once, from whichever rank reports first. None: the message itself.
+    topic: str | None = None
 
 
 class EnvironmentProblem(UserError):
@@ -187,11 +190,13 @@ def _first_to_say(text: str) -> bool:
 
 
 def report_error(e: BaseException) -> None:
-    """One write per message (several ranks share stderr). An error every rank has is printed once per launch
-    and machine (by whichever rank reports it first); any other is printed by its rank, tagged with it."""
+    """One write per message (several ranks share stderr). An error every rank has, or one about the same
+    ``topic``, is printed once per launch and machine (by whichever rank reports it first); any other is printed
+    by its rank, tagged with it."""
     everywhere = getattr(e, "everywhere", False)
+    topic = getattr(e, "topic", None)
     launched = _env_int("WORLD_SIZE", 1) not in (0, 1) and launch_problem() is None
-    if everywhere and launched and not _first_to_say(str(e)):
+    if (everywhere or topic) and launched and not _first_to_say(topic or str(e)):
         return
     tag = "" if everywhere or rank() == 0 else f"[rank {rank()}] "
     sys.stderr.write(f"error: {tag}{e}\n")

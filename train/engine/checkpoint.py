@@ -370,7 +370,8 @@ def load(acc, path: Path, backend: Backend | None = None) -> dict:
         with safe_state.weights_only(backend.checkpoint_classes()):
             backend.load_state(acc, str(path))
         safe_state.restore_rng(acc, Path(path))
-    except CheckpointError:
+    except CheckpointError as e:
+        e.topic = f"damaged files in checkpoint {path}"  # each rank names its own shard: said once
         raise  # names the file already
     except Exception as e:  # noqa: BLE001 - a corrupt checkpoint fails deep inside torch/safetensors
         raise CheckpointError(
