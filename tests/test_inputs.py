@@ -341,3 +341,44 @@ def test_a_wandb_setting_that_wandb_refuses(tmp_path) -> None:
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     proc = run_train([*args, f"tracking.wandb.tags=a,{tag}"], check=False, env=env, timeout=120)
     one_error(proc, "W&B: the settings", "run_tags", "Tags must be between 1 and 64 characters")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a batch larger than the data: memory in proportion to the data, not to the number asked for
+
+
+def test_a_slot_larger_than_the_data_holds_only_rows_that_can_be_real() -> None:
+    from train.data.batches import Layout, PlanSampler
+
+    for effective, per_device, world in (
+        (1_000_000, None, 1),
+        (1_000_000, None, 2),
+        (64, 8, 2),
+        (16, None, 1),
+    ):
+        lay = Layout.derive(effective, per_device, world)
+        ranks = [list(PlanSampler(5, lay, r, seed=1)) for r in range(world)]
+        for slots in ranks:
+            assert all(len(slot) == lay.rows_per_forward(5) == min(lay.per_device, 5) for slot in slots)
+        real = sorted(i for slots in ranks for slot in slots for i, w in slot if w)
+        assert real == [0, 1, 2, 3, 4]  # every row once per epoch, as with full slots
+
+
+def test_a_batch_of_a_million_on_512_rows_trains_one_step_of_them(tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = run_train(
+        [
+            "--config",
+            str(SMOKE),
+            f"output_dir={out}",
+            "train.effective_batch_size=1000000",
+            "train.epochs=1",
+            *FAST,
+        ],
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((out / "eval_results.json").read_text())["final"]["step"] == 1
+    assert rows and "Traceback" not in proc.stderr

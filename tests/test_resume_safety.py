@@ -66,9 +66,9 @@ def snapshot(folder: Path, but: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
-# A start writes config.yaml (with its own operational keys: a copied run's output_dir) before the checkpoint
-# is chosen; every other file of a refused resume stays as it was.
-REWRITTEN = ("config.yaml",)
+# A refused resume leaves every file as it was, config.yaml included (the start writes it only once the checkpoint
+# is restored).
+REWRITTEN: tuple[str, ...] = ()
 
 
 def unfinish(run: Path) -> Path:

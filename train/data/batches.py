@@ -74,6 +74,12 @@ class Layout:
             )
         return cls(effective, per_device, effective // (per_device * world), world)
 
+    def rows_per_forward(self, n: int) -> int:
+        """Rows of one forward on a training set of ``n`` rows: ``per_device``, or ``n`` when that is smaller
+        (the rest of such a slot could only be weight-0 padding: a batch larger than the data would cost memory
+        in proportion to the batch asked for, for nothing)."""
+        return max(1, min(self.per_device, n))
+
     def describe(self) -> str:
         return (
             f"effective batch {self.effective} = {self.per_device} per device x {self.accum} accumulation "
@@ -150,16 +156,14 @@ class PlanSampler:
     def __iter__(self) -> Iterator[list[tuple[int, float]]]:
         lay = self.layout
         order = self.order()
+        rows = lay.rows_per_forward(self.n)  # a slot's real rows come first and are never more than this
         for step in range(self.start, self.steps_per_epoch()):
             batch = order[step * lay.effective : (step + 1) * lay.effective]
             padded = np.full(lay.effective, -1)
             padded[: len(batch)] = batch
             for a in range(lay.accum):
                 lo = (a * lay.world + self.rank) * lay.per_device
-                yield [
-                    (int(i), 1.0) if i >= 0 else (int(batch[0]), 0.0)
-                    for i in padded[lo : lo + lay.per_device]
-                ]
+                yield [(int(i), 1.0) if i >= 0 else (int(batch[0]), 0.0) for i in padded[lo : lo + rows]]
 
 
 class Packed:

@@ -211,6 +211,7 @@ def build(
         layout=layout,
         regression=task.is_regression,
         vocab=len(tokenizer),  # the ids the tokenizer can produce
+        train_rows=len(splits.train),
         between_shapes=lambda: stop.check("compiling"),  # one compile cannot be interrupted: between them
     )
     stop.check("compiling")

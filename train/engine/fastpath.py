@@ -255,7 +255,15 @@ def decide_for_run(
     cache = CompileCache(
         compile_cache_dir(cfg.fast.cache_dir, cfg.data.cache_dir),
         *_compile_key(
-            cfg, first, dist.device_name(acc), model, inputs, regression, layout, acc.mixed_precision
+            cfg,
+            first,
+            dist.device_name(acc),
+            model,
+            inputs,
+            regression,
+            layout,
+            acc.mixed_precision,
+            rows=layout.rows_per_forward(train_rows),
         ),
     )
     state = cache.prepare()
@@ -276,6 +284,7 @@ def _compile_key(
     regression: bool,
     layout: Layout,
     precision: str,
+    rows: int | None = None,
 ) -> tuple[str, dict]:
     """What decides the compiled graphs of this run (not seeds, learning rates or data): its hash and parts."""
     import transformers
@@ -294,7 +303,7 @@ def _compile_key(
         "inputs": list(inputs.model_keys),
         "regression": regression,
         "buckets": list(d.buckets or ()),
-        "train_rows": layout.per_device,
+        "train_rows": rows or layout.per_device,  # rows of one forward (fewer when the data are fewer)
         "accum": layout.accum,  # with CUDA graphs it decides where gradients live (FastPath.set_to_none)
         "eval_rows": cfg.eval.batch_size,
         "precision": precision,  # what the run computes in (cfg.precision may say auto)
@@ -578,6 +587,7 @@ def attach(
     layout: Layout,
     regression: bool,
     vocab: int,
+    train_rows: int,
     between_shapes: Callable[[], None] = lambda: None,
 ) -> FastPath:
     """The loop's step functions (``forward``: batch -> logits, ``loss``: per-sample losses), compiled and warmed
@@ -593,7 +603,7 @@ def attach(
             acc.device,
             vocab,
             regression,
-            layout.per_device,
+            layout.rows_per_forward(train_rows),  # the rows of every training forward (the sampler's)
             acc.backward,
             lambda: optimizer.zero_grad(set_to_none=fast.set_to_none),
             between=between_shapes,

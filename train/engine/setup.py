@@ -57,15 +57,17 @@ def setup(
     stop.check("starting")  # the first check every rank of a launch takes together
     tracker = Tracker(cfg, start.out, acc.is_main_process, backend)  # W&B settings checked before loading
     built = build(cfg, task, acc, layout, backend, stop)
-    if acc.is_main_process:
-        runfolder.claim(start, cfg)  # only now: the marker, the old run moved aside, config.yaml
-    acc.wait_for_everyone()
     precision = acc.mixed_precision  # what the run computes in: no, bf16 or fp16 (cfg.precision may say auto)
     max_skips = cfg.train.max_nonfinite_skips
     guard = Guard(acc, built.model, precision, max_skips, partial(checkpoint.newest, start.out), backend)
     checkpointer = Checkpointer(cfg, acc, backend, start.out, guard, built.scheduler, built.data.sources)
     state, resumed = checkpointer.restore(start)  # after compiling: the RNG states are the checkpoint's
     stop.check("restoring the checkpoint")
+    if (
+        acc.is_main_process
+    ):  # only now that nothing can refuse the start: a refused one leaves the folder as it was
+        runfolder.claim(start, cfg)  # the marker, the old run moved aside, config.yaml
+    acc.wait_for_everyone()
     tracker.rewind(state.global_step)
     run = Run(
         cfg=cfg,
