@@ -382,3 +382,33 @@ def test_a_batch_of_a_million_on_512_rows_trains_one_step_of_them(tmp_path) -> N
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((out / "eval_results.json").read_text())["final"]["step"] == 1
     assert rows and "Traceback" not in proc.stderr
+
+
+def test_compiled_eval_batches_hold_at_most_the_largest_split() -> None:
+    from train.engine.fastpath import eval_rows_per_forward
+
+    assert eval_rows_per_forward(1_000_000, [872, 1821]) == 1821
+    assert eval_rows_per_forward(16, [872, 1821]) == 16
+    assert eval_rows_per_forward(16, []) == 1
+
+
+def test_a_compiled_eval_batch_of_a_million_on_16_rows(tmp_path) -> None:
+    """The fast path pads eval batches to a fixed row count: with eval.batch_size=1000000 that was a compiled
+    forward (and its dummy warm-up batch) of a million rows for a dev set of 16."""
+    out = tmp_path / "run"
+    args = ["--config", str(SMOKE), f"output_dir={out}", *FAST, "eval.batch_size=1000000"]
+    args += [
+        "data.max_eval_samples=16",
+        "fast.enabled=true",
+        "fast.backend=aot_eager",
+        "fast.bucket_multiple=128",
+    ]
+    proc = run_train(args, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["fast_path"].startswith("fast path on"), info["fast_path"]
+    folder = Path(info["compile_cache"]["dir"]) / "glue-train"
+    record = json.loads((folder / f"{info['compile_cache']['key']}.json").read_text())
+    assert record["parts"]["eval_rows"] == 16 and record["parts"]["train_rows"] == 16
+    results = json.loads((out / "eval_results.json").read_text())["final"]["splits"]
+    assert 0.0 <= results["validation"]["accuracy"] <= 1.0

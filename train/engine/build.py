@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from train.config import Config
 from train.data import batches, tokenized
 from train.data.metrics import unscorable
-from train.engine.fastpath import FastPath, attach, decide_for_run, use_fused_adamw
+from train.engine.fastpath import FastPath, attach, decide_for_run, eval_rows_per_forward, use_fused_adamw
 from train.engine.preempt import StopFlag
 from train.errors import ConfigError, StopRequested
 from train.model.load import load_model, load_tokenizer, model_inputs
@@ -184,7 +184,11 @@ def build(
     stop.check("loading the model")
     splits = load_splits(cfg, task, tokenizer, acc, stop)
     # fast path or eager, and why (logged by attach): device, backend, and whether compiling pays off
-    decision = decide_for_run(cfg, acc, layout, model, inputs, task.is_regression, len(splits.train), backend)
+    evaluated = [len(ds) for ds in (*splits.dev.values(), *splits.test.values())]
+    eval_rows = eval_rows_per_forward(cfg.eval.batch_size, evaluated)
+    decision = decide_for_run(
+        cfg, acc, layout, model, inputs, task.is_regression, len(splits.train), backend, eval_rows
+    )
     d = build_data(cfg, task, splits, inputs, layout, acc, decision.buckets)
     total = total_steps(cfg, d.sampler.steps_per_epoch())
     optimizer = build_optimizer(cfg, model, backend)
@@ -212,6 +216,7 @@ def build(
         regression=task.is_regression,
         vocab=len(tokenizer),  # the ids the tokenizer can produce
         train_rows=len(splits.train),
+        eval_rows=eval_rows,
         between_shapes=lambda: stop.check("compiling"),  # one compile cannot be interrupted: between them
     )
     stop.check("compiling")

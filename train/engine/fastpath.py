@@ -8,7 +8,7 @@ syncs), not by FLOPs. On CUDA (under a backend that allows it) this module, when
 - pads every batch to one of a few bucket lengths (``fast.bucket_multiple`` or ``fast.buckets``) so only a
   few shapes are ever compiled; the batch dimension is already constant (the batch plan pads each micro-batch
   to ``per_device_batch_size`` rows with weight-0 rows), and eval batches are padded to ``eval.batch_size``
-  rows here; all shapes are compiled up front (``fast.precompile``) and any compile after that is logged as
+  rows here (the largest evaluated split's rows when fewer); all shapes are compiled up front (``fast.precompile``) and any compile after that is logged as
   a recompile;
 - swaps the optimizer to ``torch.optim.AdamW(fused=True)`` (one kernel for all parameters);
 - needs no host-device sync inside a step: loss and grad norm stay in the loop's device accumulators
@@ -36,7 +36,7 @@ import bisect
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -240,6 +240,7 @@ def decide_for_run(
     regression: bool,
     train_rows: int,
     backend: Backend,
+    eval_rows: int | None = None,
 ) -> Decision:
     """:func:`decide` for a real run: its planned steps and the compile cache's state for its compile key.
 
@@ -264,6 +265,7 @@ def decide_for_run(
             layout,
             acc.mixed_precision,
             rows=layout.rows_per_forward(train_rows),
+            eval_rows=eval_rows,
         ),
     )
     state = cache.prepare()
@@ -285,6 +287,7 @@ def _compile_key(
     layout: Layout,
     precision: str,
     rows: int | None = None,
+    eval_rows: int | None = None,
 ) -> tuple[str, dict]:
     """What decides the compiled graphs of this run (not seeds, learning rates or data): its hash and parts."""
     import transformers
@@ -305,7 +308,7 @@ def _compile_key(
         "buckets": list(d.buckets or ()),
         "train_rows": rows or layout.per_device,  # rows of one forward (fewer when the data are fewer)
         "accum": layout.accum,  # with CUDA graphs it decides where gradients live (FastPath.set_to_none)
-        "eval_rows": cfg.eval.batch_size,
+        "eval_rows": eval_rows or cfg.eval.batch_size,  # rows of one eval forward (fewer for fewer data)
         "precision": precision,  # what the run computes in (cfg.precision may say auto)
         "backend": d.backend,
         "mode": d.mode,
@@ -567,11 +570,17 @@ def build(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     accum: int,
     inputs: Inputs | None = None,
+    eval_rows: int | None = None,
 ) -> FastPath:
     log.info(decision.describe())
-    return FastPath(
-        decision, forward, loss, eval_rows=cfg.eval.batch_size, accum=accum, inputs=inputs or Inputs()
-    )
+    rows = eval_rows or cfg.eval.batch_size
+    return FastPath(decision, forward, loss, eval_rows=rows, accum=accum, inputs=inputs or Inputs())
+
+
+def eval_rows_per_forward(batch_size: int, split_rows: Iterable[int]) -> int:
+    """Rows of one compiled eval forward: ``eval.batch_size``, or the largest evaluated split's rows when that is
+    smaller (no rank's batch can hold more; padding to a size asked for would cost memory for nothing)."""
+    return max(1, min(batch_size, max(split_rows, default=1)))
 
 
 def attach(
@@ -588,12 +597,13 @@ def attach(
     regression: bool,
     vocab: int,
     train_rows: int,
+    eval_rows: int | None = None,
     between_shapes: Callable[[], None] = lambda: None,
 ) -> FastPath:
     """The loop's step functions (``forward``: batch -> logits, ``loss``: per-sample losses), compiled and warmed
     up on the fast path; plain wrappers of the same functions otherwise. ``between_shapes`` runs after each
     shape's compile (collective: every rank compiles the same shapes in the same order)."""
-    fast = build(cfg, decision, forward, loss, layout.accum, inputs)
+    fast = build(cfg, decision, forward, loss, layout.accum, inputs, eval_rows)
     if not fast.set_to_none:
         preallocate_grads(model)
     if fast.compiled and cfg.fast.precompile:
