@@ -412,3 +412,22 @@ def test_a_compiled_eval_batch_of_a_million_on_16_rows(tmp_path) -> None:
     assert record["parts"]["eval_rows"] == 16 and record["parts"]["train_rows"] == 16
     results = json.loads((out / "eval_results.json").read_text())["final"]["splits"]
     assert 0.0 <= results["validation"]["accuracy"] <= 1.0
+
+
+def test_more_loader_workers_than_cpus_train_with_a_warning(tmp_path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    out = tmp_path / "run"
+    proc = run_train(
+        ["--config", str(SMOKE), f"output_dir={out}", *FAST, f"data.num_workers={cpus + 1}"], check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert f"data.num_workers={cpus + 1} starts {cpus + 1} loader processes" in text
+    assert f"this process may use {cpus} CPUs" in text
+    one_error(
+        run_train(
+            ["--config", str(SMOKE), f"output_dir={tmp_path / 'b'}", "data.num_workers=100000"], check=False
+        ),
+        "data.num_workers",
+        "100000",
+    )

@@ -182,7 +182,12 @@ class DataConfig(Section):
         "where tokenized datasets are cached; unset = $GLUE_TRAIN_CACHE or ~/.cache/glue-train",
         path=True,
     )
-    num_workers: int = f(0, "DataLoader worker processes per rank", ge=0)
+    num_workers: int = f(
+        0,
+        "DataLoader worker processes per rank (each a process; more than the CPUs is warned about)",
+        ge=0,
+        le=256,
+    )
     pad_to_multiple_of: int | None = f(
         None, "pad each batch's length up to a multiple of N (None: longest in batch)", ge=1
     )

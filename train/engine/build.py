@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from train.engine.backends import Backend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,6 +130,20 @@ def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator, stop: Stop
     return Splits(train_ds, dev, test, rows, sources)
 
 
+def _warn_about_workers(workers: int, processes: int) -> None:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > cpus:
+        log.warning(
+            "data.num_workers=%d starts %d loader processes per rank (%d ranks) but this process may use %d CPUs: "
+            "workers beyond the CPUs only cost start-up time and memory; data.num_workers=%d or fewer suffices",
+            workers,
+            workers,
+            processes,
+            cpus,
+            max(0, cpus - 1),
+        )
+
+
 def build_data(
     cfg: Config,
     task: Task,
@@ -137,6 +155,7 @@ def build_data(
 ) -> Data:
     collate = batches.make_collator(inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=buckets)
     pin = acc.device.type == "cuda"
+    _warn_about_workers(cfg.data.num_workers, acc.num_processes)
     lengths = batches.row_lengths(splits.train) if cfg.data.group_by_length else None
     sampler = batches.PlanSampler(len(splits.train), layout, acc.process_index, cfg.seed, lengths)
     loader = batches.train_loader(splits.train, sampler, collate, cfg.data.num_workers, pin)
