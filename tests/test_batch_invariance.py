@@ -82,10 +82,10 @@ def test_training_moved_the_weights(runs, tmp_path):
     """Guards the comparison above against comparing untrained copies."""
     from transformers import AutoModelForSequenceClassification
 
-    from train.data.glue import resolve_builtin
+    from train.data.glue import resolve_model
 
     init = AutoModelForSequenceClassification.from_pretrained(
-        resolve_builtin("builtin:tiny-bert"), num_labels=2
+        resolve_model("builtin:tiny-bert"), num_labels=2
     )
     trained = load_weights(runs["1x16"])
     key = "bert.encoder.layer.0.attention.self.query.weight"

@@ -291,7 +291,7 @@ FRESH_EVAL = textwrap.dedent("""
     import numpy as np, torch
     from pathlib import Path
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from train.data.glue import read_tsv, resolve_builtin
+    from train.data.glue import BUILTIN_DATA, read_tsv
     from train.data.metrics import compute_metrics
     from train.tasks import TASKS
 
@@ -300,7 +300,7 @@ FRESH_EVAL = textwrap.dedent("""
     tok = AutoTokenizer.from_pretrained(final)
     task = TASKS["sst2"]
     split = task.split("dev")[0]
-    dev = read_tsv(Path(resolve_builtin("builtin:glue-sample")) / split.tsv, task, split)
+    dev = read_tsv(Path(BUILTIN_DATA["builtin:glue-sample"]) / split.tsv, task, split)
     with torch.no_grad():
         enc = tok(dev["sentence"], truncation=True, max_length=128, padding=True, return_tensors="pt")
         logits = model(**enc).logits.float()

@@ -18,7 +18,7 @@ from conftest import SMOKE, load_weights, run_train
 from test_wandb import read_wandb_file, wandb_env, wandb_files
 
 from train.config import load_config
-from train.data.glue import resolve_builtin
+from train.data.glue import BUILTIN_DATA
 from train.errors import ConfigError
 from train.tracking.tracker import read_metrics
 
@@ -30,7 +30,7 @@ HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t
 def glue_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stsb-glue")
     (root / "STS-B").mkdir()
-    sample = Path(resolve_builtin("builtin:glue-sample")) / "RTE"
+    sample = Path(BUILTIN_DATA["builtin:glue-sample"]) / "RTE"
     for split in ("train", "dev"):
         with open(sample / f"{split}.tsv", newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))

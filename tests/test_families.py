@@ -48,7 +48,7 @@ def _reloaded_predictions(folder, task: str) -> list[str]:
     t = TASKS[task]
     split = t.split("test")[0]
     glue_dir, _ = TASK_SHAPES[task]
-    rows = glue.read_tsv(Path(glue.resolve_builtin(glue_dir)) / split.tsv, t, split)
+    rows = glue.read_tsv(Path(glue.glue_folder(glue_dir, t)) / split.tsv, t, split)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     enc = tok(
@@ -120,7 +120,7 @@ def test_inputs_come_from_tokenizer_and_model(families, tmp_path):
 
 def _rte_row0(task, column: int = 0) -> str:
     split = task.split("train")[0]
-    rows = glue.read_tsv(Path(glue.resolve_builtin("builtin:glue-sample")) / split.tsv, task, split)
+    rows = glue.read_tsv(Path(glue.BUILTIN_DATA["builtin:glue-sample"]) / split.tsv, task, split)
     return rows[task.text_columns[column]][0]
 
 

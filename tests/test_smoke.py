@@ -81,7 +81,7 @@ def test_exported_model_loads_and_reproduces_dev_metrics(smoke_run):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from train.data.glue import read_tsv, resolve_builtin
+    from train.data.glue import BUILTIN_DATA, read_tsv
     from train.data.metrics import compute_metrics
     from train.tasks import TASKS
 
@@ -90,9 +90,7 @@ def test_exported_model_loads_and_reproduces_dev_metrics(smoke_run):
     tok = AutoTokenizer.from_pretrained(out / "final")
     task = TASKS["sst2"]
     split = task.split("dev")[0]
-    dev = read_tsv(
-        __import__("pathlib").Path(resolve_builtin("builtin:glue-sample")) / split.tsv, task, split
-    )
+    dev = read_tsv(__import__("pathlib").Path(BUILTIN_DATA["builtin:glue-sample"]) / split.tsv, task, split)
     with torch.no_grad():
         enc = tok(dev["sentence"], truncation=True, max_length=128, padding=True, return_tensors="pt")
         pred = model(**enc).logits.argmax(-1).numpy()

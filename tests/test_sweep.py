@@ -159,6 +159,22 @@ def test_check_plan_reports_every_problem_before_running(tmp_path: Path, config_
     )
 
 
+def test_check_plan_refuses_runs_whose_data_lack_their_task(tmp_path: Path, config_dir: Path):
+    """Said before anything starts, not at each run's turn: a bundled sample without the task, a local GLUE
+    folder without it."""
+    (config_dir / "cola.yaml").write_text(TINY_TASK.format(task="cola"))
+    glue = tmp_path / "glue"
+    (glue / "RTE").mkdir(parents=True)
+    runs = sweep.plan(["rte", "cola"], [1], tmp_path / "out", config_dir)
+    runs += sweep.plan(["rte"], [1], tmp_path / "local", config_dir, [f"data.glue_dir={glue}"])
+    with pytest.raises(sweep.SweepError) as err:
+        sweep.check_plan(runs)
+    msg = str(err.value)
+    assert "cola-s1: data.glue_dir=builtin:glue-sample holds the tasks mrpc, rte, sst2 only" in msg, msg
+    assert f"rte-s1: missing GLUE file {glue / 'RTE' / 'train.tsv'}" in msg, msg
+    assert len(msg.splitlines()) == 2, msg  # the bundled RTE run is fine
+
+
 def test_config_drift_is_a_warning(tmp_path: Path, config_dir: Path):
     (run,) = sweep.plan(["rte"], [1], tmp_path / "out", config_dir)
     assert sweep.check_plan([run]) == []

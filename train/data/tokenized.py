@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from train.config import DataConfig
-from train.data.glue import read_split, resolve_builtin
+from train.data.glue import glue_folder, read_split
 from train.errors import ConfigError, DataError, StopRequested, rank
 from train.tasks import Split, Task
 
@@ -128,7 +128,7 @@ def _sha256_file(path: Path) -> str:
 def source_fingerprint(cfg: DataConfig, task: Task, split: Split) -> dict:
     """Where the rows come from and a hash of their content (a changed file with the same size and mtime too)."""
     if cfg.glue_dir is not None:
-        path = Path(resolve_builtin(cfg.glue_dir)) / split.tsv
+        path = glue_folder(cfg.glue_dir, task) / split.tsv
         try:
             digest = _sha256_file(path)
         except OSError:

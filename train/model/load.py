@@ -15,7 +15,7 @@ from pathlib import Path
 
 from train.config import Config
 from train.data.batches import Inputs
-from train.data.glue import offline_advice, resolve_builtin
+from train.data.glue import offline_advice, resolve_model
 from train.data.tokenized import check_max_length, min_max_length
 from train.errors import ConfigError, reading
 from train.model import warm_start
@@ -87,7 +87,7 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     src = warm_start.resolve(cfg)
-    name = str(src.model_dir) if src else resolve_builtin(cfg.model.name_or_path)
+    name = str(src.model_dir) if src else resolve_model(cfg.model.name_or_path)
     key = "model.init_from" if src else "model.name_or_path"
     _check_tokenizer_files(name, key)
     with reading(f"{key}: the tokenizer in", name, _model_files(name, key), ConfigError):
@@ -256,7 +256,7 @@ def load_model(cfg: Config, task: Task, tokenizer):
     from transformers import AutoConfig
 
     src = warm_start.resolve(cfg)
-    name = str(src.model_dir) if src else resolve_builtin(cfg.model.name_or_path)
+    name = str(src.model_dir) if src else resolve_model(cfg.model.name_or_path)
     revision = None if src else cfg.model.revision
     kwargs: dict = {"num_labels": task.num_labels}
     if task.is_regression:

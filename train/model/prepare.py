@@ -26,7 +26,7 @@ def prepare(cfg) -> list[str]:
     task = get_task(cfg.data.task)
     tokenizer = load_tokenizer(cfg)
     load_model(cfg, task, tokenizer)  # weights into the HF cache (a local folder is just read)
-    done = [f"model {glue.resolve_builtin(cfg.model.name_or_path)}"]
+    done = [f"model {glue.resolve_model(cfg.model.name_or_path)}"]
     kinds = ("train", "dev", "test") if cfg.eval.predict_test else ("train", "dev")
     for kind in kinds:
         for split in task.split(kind):

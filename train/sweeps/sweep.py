@@ -224,6 +224,24 @@ def config_drift(run: SweepRun, cfg: object) -> list[str]:
     return sorted(_leaf_diff({k: v for k, v in old.items() if k not in DRIFT_IGNORED}, now))
 
 
+def _data_problem(cfg) -> str | None:
+    """Whether a run's GLUE folder lacks its task's training file (a bundled sample holds a few tasks): said
+    before a sweep starts, not when the run's turn comes (on a cluster, after its wait in the queue)."""
+    from train.data.glue import glue_folder
+    from train.errors import ConfigError
+    from train.tasks import get_task
+
+    if cfg.data.glue_dir is None:
+        return None  # the Hub dataset: read (or refused) by the run itself
+    task = get_task(cfg.data.task)
+    try:
+        folder = glue_folder(cfg.data.glue_dir, task)
+    except ConfigError as e:
+        return str(e)
+    train = folder / task.split("train")[0].tsv
+    return None if train.is_file() else f"missing GLUE file {train} (data.glue_dir, task {task.name})"
+
+
 def check_plan(runs: list[SweepRun]) -> list[str]:
     """Load every run's config (file + overrides) before anything starts; raise one error listing all problems.
 
@@ -250,6 +268,9 @@ def check_plan(runs: list[SweepRun]) -> list[str]:
             continue
         if cfg.data.task != run.task:
             problems.append(f"{run.config} trains data.task={cfg.data.task}, not {run.task}")
+        missing_data = _data_problem(cfg)
+        if missing_data:
+            problems.append(f"{run.name}: {missing_data}")
         damage = results_damage(run.folder)
         if damage:
             warnings.append(
