@@ -81,6 +81,10 @@ def test_cli_error_is_one_line_without_traceback(capsys):
     assert main(["--config", "/nonexistent.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config file not found: /nonexistent.yaml") and "Traceback" not in err
+    assert main(["--config", str(REPO / "configs")]) == 2  # a folder: which files it holds
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {REPO / 'configs'} is a folder, not a YAML file"), err
+    assert "first-run.yaml" in err and err.count("error:") == 1, err
 
 
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))

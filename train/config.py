@@ -606,6 +606,10 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's data; unreadable, non-UTF-8, invalid or duplicate-key files are ConfigErrors naming it."""
     path = Path(path)
+    if path.is_dir():
+        configs = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        hint = f" (it holds {', '.join(configs)}{', ...' if len(configs) == 5 else ''})" if configs else ""
+        raise ConfigError(f"config file {path} is a folder, not a YAML file{hint}; give one file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
