@@ -96,6 +96,26 @@ def test_parse_tasks_and_seeds():
     assert sweep.parse_seeds("1-3,7,2") == [1, 2, 3, 7]
     with pytest.raises(sweep.SweepError, match="not a seed"):
         sweep.parse_seeds("1,x")
+    with pytest.raises(sweep.SweepError, match="the range '5-1' runs backwards; write 1-5"):
+        sweep.parse_seeds("5-1")
+    with pytest.raises(sweep.SweepError, match=r"4294967296 is not a seed; seeds are in \[0, 2\^32\)"):
+        sweep.parse_seeds("4294967296")
+
+
+def test_a_sweep_too_large_to_mean_is_refused_at_once(tmp_path: Path, config_dir: Path):
+    """Sizes are checked before anything is built: 1-100000000 hung while listing a hundred million seeds."""
+    for bad, match in (
+        (lambda: sweep.parse_seeds("1-100000000"), "more than 10,000 seeds"),
+        (lambda: sweep.parse_seeds("0-4294967295"), "more than 10,000 seeds"),
+        (
+            lambda: sweep.override_sets([f"train.k{i}=1,2,3,4,5,6,7,8,9,10" for i in range(12)]),
+            "override sets",
+        ),
+        (lambda: sweep.plan(["rte", "sst2"], list(range(5001)), tmp_path, config_dir), "= 10,002 runs"),
+    ):
+        with pytest.raises(sweep.SweepError, match=match):
+            bad()
+    assert len(sweep.plan(["rte"], sweep.parse_seeds("1-10000"), tmp_path, config_dir)) == 10_000
 
 
 def test_plan_folders_commands_and_override_sets(tmp_path: Path, config_dir: Path):
@@ -715,3 +735,17 @@ def test_warm_start_on_a_real_slurm_cluster(tmp_path, real_warm_configs, monkeyp
         subprocess.run(["scancel", first, second], capture_output=True)
     _check_warm_runs(out, ("rte", "stsb"))
     assert (out / "logs" / f"glue-sweep-{second}_0.out").is_file()
+
+
+def test_an_out_that_is_a_file_is_named_and_kept(tmp_path: Path, config_dir: Path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("the user's")
+    for out, expect in (
+        (mine, f"error: {mine} is a file where a folder is needed (it is left as it is)"),
+        (mine / "sweep", f"error: {mine / 'sweep'}: a part of this path is a file, not a folder"),
+    ):
+        args = ["--tasks", "rte", "--seeds", "1", "--out", str(out), "--config-dir", str(config_dir)]
+        assert sweep.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(expect) and err.count("error:") == 1, err
+    assert mine.read_text() == "the user's"

@@ -217,6 +217,10 @@ def describe_os_error(e: OSError) -> str:
         return f"{where}: the disk is full ({e.strerror}); free space or move output_dir to a larger disk, then rerun"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}: {e.strerror}; check the permissions (or choose another output_dir / data.cache_dir)"
+    if e.errno == errno.EEXIST and e.filename and not Path(e.filename).is_dir():
+        return f"{where} is a file where a folder is needed (it is left as it is); choose another path"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: a part of this path is a file, not a folder; choose another path"
     return f"{where}: {e.strerror or e}; check the path"
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -106,15 +107,28 @@ def parse_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+MAX_RUNS = 10_000  # more runs than any GLUE sweep needs (9 tasks x 100 seeds x 10 sets): a typo, said at once
+SEED_LIMIT = 2**32  # what config.seed takes
+
+
 def parse_seeds(spec: str) -> list[int]:
-    """``1,2,3`` or ranges ``1-5`` (inclusive), mixed."""
+    """``1,2,3`` or ranges ``1-5`` (inclusive), mixed; each seed in [0, 2^32), at most ``MAX_RUNS`` of them."""
     seeds: list[int] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         try:
             lo, _, hi = part.partition("-")
-            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            first, last = int(lo), int(hi) if hi else int(lo)
         except ValueError:
             raise SweepError(f"--seeds: '{part}' is not a seed or a range like 1-5") from None
+        if last < first:
+            raise SweepError(f"--seeds: the range '{part}' runs backwards; write {last}-{first}")
+        if last >= SEED_LIMIT:
+            raise SweepError(f"--seeds: {last} is not a seed; seeds are in [0, 2^32)")
+        if len(seeds) + last - first + 1 > MAX_RUNS:
+            raise SweepError(
+                f"--seeds '{spec}' gives more than {MAX_RUNS:,} seeds; a sweep takes at most that"
+            )
+        seeds += range(first, last + 1)
     if not seeds:
         raise SweepError("--seeds: give at least one seed, e.g. --seeds 1,2,3")
     return list(dict.fromkeys(seeds))
@@ -134,6 +148,9 @@ def override_sets(grid: list[str]) -> list[tuple[str, tuple[str, ...]]]:
         if not sep or not key or not vals:
             raise SweepError(f"--grid '{item}' must look like key.sub=value1,value2")
         axes.append([(key.strip(), v.strip()) for v in vals])
+    if math.prod(len(axis) for axis in axes) > MAX_RUNS:
+        sizes = " x ".join(str(len(axis)) for axis in axes)
+        raise SweepError(f"--grid gives {sizes} override sets, more than the {MAX_RUNS:,} runs a sweep takes")
     combos = list(itertools.product(*axes))
     if len(combos) <= 1:
         return [("", tuple(f"{k}={v}" for k, v in (combos[0] if combos else ())))]
@@ -170,6 +187,11 @@ def plan(
         raise SweepError(f"--grid values give the same folder tag twice: {tags}")
     if warm_start and any(o.split("=", 1)[0].strip() == "model.init_from" for o in overrides):
         raise SweepError("--warm-start sets model.init_from of the runs it starts; drop model.init_from=...")
+    if len(tasks) * len(seeds) * len(sets) > MAX_RUNS:
+        raise SweepError(
+            f"the sweep plans {len(tasks)} tasks x {len(seeds)} seeds x {len(sets)} override sets = "
+            f"{len(tasks) * len(seeds) * len(sets):,} runs, more than the {MAX_RUNS:,} a sweep takes; split it"
+        )
     runs = []
     for task, seed, (tag, sets_extra) in itertools.product(tasks, seeds, sets):
         folder = out / run_name(task, seed, tag)
