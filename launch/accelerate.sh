@@ -16,7 +16,8 @@
 #   MASTER_ADDR    head node (127.0.0.1)
 #   MASTER_PORT    head node port (a free local port with 1 node, else 29500)
 #   RDZV_BACKEND   static (default) or c10d, for more than one node
-#   ACCELERATE     launcher command ("accelerate")
+#   ACCELERATE     launcher command ("python3 -m train.engine.agent accelerate": accelerate in-process, ending in
+#                  one line and the training processes' exit code instead of its traceback; "accelerate" works too)
 #   ACCELERATE_ARGS extra `accelerate launch` options, word-split (e.g. "--mixed_precision bf16")
 #   RELAY          1: SIGUSR1/SIGTERM sent to this script go to the training processes (launch/relay.sh; accelerate
 #                  does not hand SIGUSR1 on: they are its children and get it from the relay). 0: exec accelerate.
@@ -45,7 +46,7 @@ if [[ -z ${MASTER_PORT:-} ]]; then
 fi
 RDZV_BACKEND=${RDZV_BACKEND:-static}
 RELAY=${RELAY:-1}
-read -r -a launcher <<<"${ACCELERATE:-accelerate}"
+read -r -a launcher <<<"${ACCELERATE:-python3 -m train.engine.agent accelerate}"
 read -r -a extra <<<"${ACCELERATE_ARGS:-}"
 
 world=$((NPROC * NNODES))

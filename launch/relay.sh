@@ -10,8 +10,8 @@
 #     it, the signal is held here, so a launcher or a process still starting is never killed by it (a signal that
 #     came before run_relayed ran is passed in as RELAY_PENDING=USR1|TERM); RELAY_GRACE seconds (0) after
 #     CMD starts, it is held too (srun's tasks set their own traps only then);
-#   - exit with the training processes' status: after a signal torchrun exits 1 (with a traceback) and
-#     accelerate 128+N whatever they did. Each process writes its exit code to $GLUE_EXIT_DIR/<rank>
+#   - exit with the training processes' status: after a signal the agents (torchrun, accelerate; run by
+#     train/engine/agent.py) exit 128+N whatever they did. Each process writes its exit code to $GLUE_EXIT_DIR/<rank>
 #     (train/cli.py); when all of them say 0, so does run_relayed.
 # RELAY_TO says who gets the signal: `cmd` (the default: srun), `launcher` (CMD, once it and the training
 # processes it started, its children, all handle it: torchrun) or `children` (CMD's children themselves: for

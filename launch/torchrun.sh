@@ -13,7 +13,8 @@
 #   MASTER_PORT    rendezvous port (29500)
 #   RDZV_BACKEND   c10d (default for NNODES > 1) or static (uses NODE_RANK, MASTER_ADDR, MASTER_PORT as given)
 #   RDZV_ID        rendezvous id shared by all nodes of one run ($SLURM_JOB_ID or "glue")
-#   TORCHRUN       torchrun command ("torchrun"; "python -m torch.distributed.run" works too)
+#   TORCHRUN       torchrun command ("python3 -m train.engine.agent torchrun": torchrun in-process, ending in one
+#                  line and the training processes' exit code instead of its traceback; "torchrun" works too)
 #   TORCHRUN_ARGS  extra torchrun options, word-split (e.g. "--max_restarts 0 --log_dir logs")
 #   STOP_SIGNALS   the signals torchrun hands to the training processes (SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 #   SHUTDOWN_TIMEOUT seconds torchrun gives them after such a signal to write their checkpoint, then SIGKILL (240;
@@ -40,7 +41,7 @@ RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-glue}}
 STOP_SIGNALS=${STOP_SIGNALS:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-240}
 RELAY=${RELAY:-1}
-read -r -a launcher <<<"${TORCHRUN:-torchrun}"
+read -r -a launcher <<<"${TORCHRUN:-python3 -m train.engine.agent torchrun}"
 read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 
 if [[ $NNODES == 1 ]]; then

@@ -69,7 +69,7 @@ def test_torchrun_single_node_passes_args_through():
         TORCHRUN, "--config", "configs/tasks/sst2.yaml", "train.lr=3e-5", "tracking.wandb.name=a b", NPROC=2
     )
     assert cmd == (
-        "torchrun --standalone --nnodes 1 --nproc_per_node 2 --signals-to-handle SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1 --shutdown-timeout 240 "
+        "python3 -m train.engine.agent torchrun --standalone --nnodes 1 --nproc_per_node 2 --signals-to-handle SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1 --shutdown-timeout 240 "
         "-m train --config configs/tasks/sst2.yaml "
         "train.lr=3e-5 tracking.wandb.name=a\\ b"
     )
@@ -88,7 +88,7 @@ def test_torchrun_multinode_c10d_and_static():
         RDZV_ID=99,
     )
     assert cmd == (
-        "torchrun --nnodes 2 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint node7:1234 --rdzv_id 99 "
+        "python3 -m train.engine.agent torchrun --nnodes 2 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint node7:1234 --rdzv_id 99 "
         "--nproc_per_node 4 --signals-to-handle SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1 --shutdown-timeout 240 -m train --config x.yaml"
     )
     cmd = dry(
@@ -102,7 +102,7 @@ def test_torchrun_multinode_c10d_and_static():
         TORCHRUN_ARGS="--max_restarts 0",
     )
     assert cmd == (
-        "torchrun --nnodes 3 --node_rank 2 --master_addr h --master_port 5 --nproc_per_node 1 "
+        "python3 -m train.engine.agent torchrun --nnodes 3 --node_rank 2 --master_addr h --master_port 5 --nproc_per_node 1 "
         "--signals-to-handle SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1 --shutdown-timeout 240 --max_restarts 0 -m train"
     )
 
@@ -154,7 +154,7 @@ def test_accelerate_config_file_and_world(tmp_path):
         MASTER_PORT=29400,
     )
     assert cmd == (
-        f"accelerate launch --config_file {cfg} --num_processes 8 --num_machines 2 --machine_rank 1 "
+        f"python3 -m train.engine.agent accelerate launch --config_file {cfg} --num_processes 8 --num_machines 2 --machine_rank 1 "
         "--main_process_ip head --main_process_port 29400 --rdzv_backend static -m train "
         "--config configs/recipe.yaml seed=3"
     )
@@ -162,11 +162,11 @@ def test_accelerate_config_file_and_world(tmp_path):
 
 def test_accelerate_without_config_file():
     assert dry(ACCELERATE, "--config", "c.yaml", NPROC=2, MASTER_PORT=1111) == (
-        "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --machine_rank 0 "
+        "python3 -m train.engine.agent accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --machine_rank 0 "
         "--main_process_ip 127.0.0.1 --main_process_port 1111 -m train --config c.yaml"
     )
     assert dry(ACCELERATE, "--config", "c.yaml", NPROC=1) == (
-        "accelerate launch --num_processes 1 --num_machines 1 -m train --config c.yaml"
+        "python3 -m train.engine.agent accelerate launch --num_processes 1 --num_machines 1 -m train --config c.yaml"
     )
 
 
@@ -226,10 +226,10 @@ open(exits, "w").write("0")
 def stand_in_repo(tmp_path) -> Path:
     root = tmp_path / "repo"
     (root / "launch").mkdir(parents=True)
-    (root / "train").mkdir()
     for f in (REPO / "launch").glob("*.sh"):
         shutil.copy(f, root / "launch" / f.name)
-    (root / "train" / "__init__.py").write_text("")
+    # the package the launchers use (train.engine.agent, train.engine.dist), its entry point a stand-in
+    shutil.copytree(REPO / "train", root / "train", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     (root / "train" / "__main__.py").write_text(STAND_IN)
     return root
 
@@ -335,6 +335,7 @@ def test_sigterm_checkpoint_restart_same_weights(torchrun_reference, tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-6000:]
     assert not (out / "eval_results.json").exists(), "the run finished instead of stopping"
+    assert "Traceback" not in output and "[launcher] stopped by SIGTERM" in output, output[-6000:]
     stopped = max(train_steps(out))
     assert 10 <= stopped < TOTAL_STEPS
     assert (out / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").exists()
@@ -348,3 +349,26 @@ def test_sigterm_checkpoint_restart_same_weights(torchrun_reference, tmp_path):
     for k in b:
         rel = float((a[k].double() - b[k].double()).norm()) / max(float(b[k].double().norm()), 1e-12)
         assert rel <= 1e-6, f"{k}: relative difference {rel:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "nproc"), [("torchrun", 2), ("accelerate", 2), ("accelerate", 1)])
+def test_an_input_error_under_a_launcher_is_one_paragraph(tmp_path, script, nproc):
+    """Every rank meets the error; the user reads it once and no traceback: the agent (train/engine/agent.py)
+    ends in one line and passes the exit code on, instead of torchrun's ChildFailedError table or accelerate's
+    CalledProcessError (which repeated the child's stderr)."""
+    missing = tmp_path / "no-glue"
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / f"{script}.sh"), *RUN_ARGS, f"output_dir={tmp_path / 'r'}"]
+        + [f"data.glue_dir={missing}"],
+        env=clean_env(NPROC=nproc, OMP_NUM_THREADS=1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("[launcher] "), proc.stderr[-4000:]

@@ -281,7 +281,7 @@ def test_processes_per_node_follow_the_gpus(workdir, script, opts, env, nproc):
     info = wait_job(job, 120)
     log = log_of(d, job)
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
-    lines = [ln for ln in log.splitlines() if ln.startswith("+ torchrun")]
+    lines = [ln for ln in log.splitlines() if ln.startswith("+ python3 -m train.engine.agent torchrun")]
     nodes = 2 if script == "multinode.sbatch" else 1
     assert len(lines) == nodes and all(f"--nproc_per_node {nproc} " in ln for ln in lines), log
     start = json.loads((out / "slurm_info.json").read_text())["starts"][0]

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from train.config import Config
 from train.data import batches, tokenized
 from train.data.metrics import unscorable
+from train.engine import dist
 from train.engine.fastpath import FastPath, attach, decide_for_run, eval_rows_per_forward, use_fused_adamw
 from train.engine.preempt import StopFlag
-from train.errors import ConfigError, StopRequested
+from train.errors import ConfigError, StopRequested, UserError
 from train.model.load import load_model, load_tokenizer, model_inputs
 from train.tasks import Split, Task
 
@@ -103,13 +104,17 @@ def load_splits(cfg: Config, task: Task, tokenizer, acc: Accelerator, stop: Stop
     sources: dict[str, dict] = {}
 
     def split_ds(split: Split, limit: int | None, trained: bool = True):
-        ds = None
+        ds, failed = None, None
         if acc.is_main_process:
-            with contextlib.suppress(StopRequested):  # the vote below stops every rank
-                ds = tokenized.tokenize_split(
-                    cfg.data, task, split, tokenizer, interrupted=lambda: stop.raised
-                )
+            try:
+                with contextlib.suppress(StopRequested):  # the vote below stops every rank
+                    ds = tokenized.tokenize_split(
+                        cfg.data, task, split, tokenizer, interrupted=lambda: stop.raised
+                    )
+            except UserError as e:  # a missing or bad file: every rank leaves with it (below)
+                failed = e
         stop.check(f"tokenizing {task.name}/{split.name}")  # also the barrier: the cache entry is written
+        dist.raise_from_main(failed)
         if ds is None:
             ds = tokenized.tokenize_split(cfg.data, task, split, tokenizer)
         ds = ds.select(range(min(limit, len(ds)))) if limit else ds

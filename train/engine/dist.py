@@ -98,6 +98,20 @@ def from_main(obj):
     return box[0]
 
 
+def raise_from_main(error: BaseException | None) -> None:
+    """Collective, after work only the main process did while the others waited for it (tokenizing into the
+    cache): its :class:`~train.errors.UserError` raised on every rank, so each leaves with the same sentence (said
+    once) instead of losing its peer in the next collective. ``error`` None: it succeeded."""
+    from train.errors import UserError
+
+    mine = error if isinstance(error, UserError) else None
+    shared = from_main(mine)
+    if mine is not None:
+        raise mine
+    if shared is not None:
+        raise shared
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank; a CPU (gloo) all-reduce, never a device sync."""
     import torch
