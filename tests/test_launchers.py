@@ -203,6 +203,8 @@ rank = os.environ.get("RANK", "0")
 exits = os.path.join(os.environ.get("GLUE_EXIT_DIR", out), rank)  # the program's exit code, as train/cli.py
 open(exits, "w").write("running")
 open(f"{out}/started-{rank}", "w").write(str(os.getpid()))
+if os.environ.get("FW_KILL") == rank:  # as the kernel's OOM killer would
+    os.kill(os.getpid(), signal.SIGKILL)
 time.sleep(float(os.environ.get("FW_DELAY", "0")))  # the relay holds a signal until the handler is set
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
@@ -372,3 +374,26 @@ def test_an_input_error_under_a_launcher_is_one_paragraph(tmp_path, script, npro
     assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
     assert proc.stderr.rstrip().splitlines()[-1].startswith("[launcher] "), proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize(("launcher", "nproc"), [("torchrun", 2), ("accelerate", 1)])
+def test_a_killed_process_is_named_by_the_launcher(stand_in_repo, tmp_path, launcher, nproc):
+    """Nothing said above: the launcher's line says which process died of what, without a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    kill = str(nproc - 1)
+    proc = subprocess.run(
+        ["bash", str(stand_in_repo / "launch" / f"{launcher}.sh")],
+        env=clean_env(NPROC=nproc, FW_OUT=out, PYTHONPATH=stand_in_repo, FW_KILL=kill),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    who = f"training process of rank {kill}" if launcher == "torchrun" else "the training process"
+    assert last == f"[launcher] {who} was killed by SIGKILL (by the system: out of memory?)" + (
+        "; the others were stopped" if launcher == "torchrun" else ""
+    ), proc.stderr[-3000:]

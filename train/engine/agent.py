@@ -43,6 +43,19 @@ def _code(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else exitcode
 
 
+def _ended(exitcode: int) -> str:
+    import signal
+
+    if exitcode >= 0:
+        return f"exited {exitcode} (what it said is above)"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    why = " (by the system: out of memory?)" if -exitcode == signal.SIGKILL else ""
+    return f"was killed by {name}{why}"
+
+
 def run(which: str, args: list[str]) -> int:
     """The agent ``which`` with ``args``; its exit code: 0, the first failed training process's, or 128+N
     after stop signal N (the processes were handed it and stopped at a checkpoint)."""
@@ -58,15 +71,11 @@ def run(which: str, args: list[str]) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        code = _code(failure.exitcode)
-        _say(
-            f"training process of rank {rank} exited {code} (what it said is above); the others were stopped"
-        )
-        return code or 1
+        _say(f"training process of rank {rank} {_ended(failure.exitcode)}; the others were stopped")
+        return _code(failure.exitcode) or 1
     except subprocess.CalledProcessError as e:
-        code = _code(e.returncode)
-        _say(f"the training process exited {code} (what it said is above)")
-        return code
+        _say(f"the training process {_ended(e.returncode)}")
+        return _code(e.returncode)
     return 0
 
 
