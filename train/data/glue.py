@@ -56,13 +56,17 @@ def offline_advice() -> str:
 def _unknown(name: str, key: str) -> ConfigError:
     """A ``builtin:`` name this key cannot take: the names it can, and which key takes this one if any."""
     models = [*BUILTIN_MODELS, *PACKAGED]
-    known, other = (models, BUILTIN_DATA) if key == MODEL_KEY else (list(BUILTIN_DATA), models)
-    what = "model" if key == MODEL_KEY else "GLUE data"
-    elsewhere = (
-        f" ({name} is {'GLUE data' if key == MODEL_KEY else 'a model'}: give it as " if name in other else ""
-    )
-    if elsewhere:
-        elsewhere += f"{DATA_KEY if key == MODEL_KEY else MODEL_KEY})"
+    if key == MODEL_KEY:
+        what, known, other, other_key, other_what = "model", models, list(BUILTIN_DATA), DATA_KEY, "GLUE data"
+    else:
+        what, known, other, other_key, other_what = (
+            "GLUE data",
+            list(BUILTIN_DATA),
+            models,
+            MODEL_KEY,
+            "a model",
+        )
+    elsewhere = f" ({name} is {other_what}: give it as {other_key})" if name in other else ""
     return ConfigError(
         f"{key}: '{name}' is not a bundled {what}{elsewhere}; choose one of {', '.join(known)}"
     )

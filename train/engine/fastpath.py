@@ -8,8 +8,8 @@ syncs), not by FLOPs. On CUDA (under a backend that allows it) this module, when
 - pads every batch to one of a few bucket lengths (``fast.bucket_multiple`` or ``fast.buckets``) so only a
   few shapes are ever compiled; the batch dimension is already constant (the batch plan pads each micro-batch
   to ``per_device_batch_size`` rows with weight-0 rows), and eval batches are padded to ``eval.batch_size``
-  rows here (the largest evaluated split's rows when fewer); all shapes are compiled up front (``fast.precompile``) and any compile after that is logged as
-  a recompile;
+  rows here (the largest evaluated split's rows when fewer); all shapes are compiled up front
+  (``fast.precompile``) and any compile after that is logged as a recompile;
 - swaps the optimizer to ``torch.optim.AdamW(fused=True)`` (one kernel for all parameters);
 - needs no host-device sync inside a step: loss and grad norm stay in the loop's device accumulators
   (``Window``, read every ``train.log_every`` steps) and ``clip_grad_norm_`` scales without reading the norm.

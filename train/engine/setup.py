@@ -63,9 +63,8 @@ def setup(
     checkpointer = Checkpointer(cfg, acc, backend, start.out, guard, built.scheduler, built.data.sources)
     state, resumed = checkpointer.restore(start)  # after compiling: the RNG states are the checkpoint's
     stop.check("restoring the checkpoint")
-    if (
-        acc.is_main_process
-    ):  # only now that nothing can refuse the start: a refused one leaves the folder as it was
+    # only now that nothing can refuse the start: a refused one leaves the folder as it was
+    if acc.is_main_process:
         runfolder.claim(start, cfg)  # the marker, the old run moved aside, config.yaml
     acc.wait_for_everyone()
     tracker.rewind(state.global_step)
