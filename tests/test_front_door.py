@@ -211,7 +211,7 @@ def test_no_usable_checkpoint_is_an_error(finished, tmp_path):
         ("train.weight_decay=-1", "train.weight_decay must be >= 0"),
         ("train.max_grad_norm=-1", "train.max_grad_norm must be > 0 (or null"),
         ("train.max_grad_norm=0", "train.max_grad_norm must be > 0 (or null"),
-        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers must be in [0, 256]"),
         ("seed=-1", "seed must be in [0, 2^32)"),
         ("seed=4294967296", "seed must be in [0, 2^32)"),
         ("train.epochs=0", "train.epochs must be at least 1"),
