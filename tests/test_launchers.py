@@ -397,3 +397,40 @@ def test_a_killed_process_is_named_by_the_launcher(stand_in_repo, tmp_path, laun
     assert last == f"[launcher] {who} was killed by SIGKILL (by the system: out of memory?)" + (
         "; the others were stopped" if launcher == "torchrun" else ""
     ), proc.stderr[-3000:]
+
+
+ALONE = r"""
+import sys, torch, torch.distributed as dist
+from train.errors import DataError, guarded
+
+def command() -> int:
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        raise DataError("bad file /x/y.tsv, line 3: fix it")  # met by rank 0 alone
+    dist.all_reduce(torch.zeros(1))  # rank 1 waits for a peer that has gone
+    return 0
+
+sys.exit(guarded(command))
+"""
+
+
+def test_a_rank_whose_peer_failed_says_only_that_it_stopped(tmp_path):
+    """Rank 0 fails alone with its error; rank 1's collective breaks. Rank 1 prints one line, not gloo's
+    traceback, and the launch ends with rank 0's exit code."""
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.engine.agent", "torchrun", "--standalone", "--nproc_per_node", "2"]
+        + [str(script)],
+        env=clean_env(OMP_NUM_THREADS=1, PYTHONPATH=REPO),  # this tree's train package
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: bad file /x/y.tsv, line 3: fix it"], proc.stderr[-3000:]
+    assert "[rank 1] stopped: another process of this launch ended first" in proc.stderr, proc.stderr[-3000:]
+    assert "[launcher] training process of rank 0 exited 2" in proc.stderr, proc.stderr[-3000:]

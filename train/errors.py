@@ -296,3 +296,25 @@ def guarded(
             raise  # no file involved: not a path or disk problem the user can fix
         report_error(EnvironmentProblem(describe_os_error(e)))
         return 2
+    except RuntimeError as e:
+        if not peer_lost(e):
+            raise
+        sys.stderr.write(f"[rank {rank()}] stopped: {PEER_LOST}\n")
+        sys.stderr.flush()
+        return 1
+
+
+# what torch.distributed raises in a rank whose peer has ended (gloo; NCCL): a consequence, not this rank's failure
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote process exited or there was a network error",
+)
+PEER_LOST = "another process of this launch ended first (what it said is above)"
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the launch has ended: then that
+    process has said why (its error, or its traceback for a bug), and this one says only that it stopped."""
+    launched = _env_int("WORLD_SIZE", 1) not in (0, 1, None)
+    return launched and isinstance(e, RuntimeError) and any(p in str(e) for p in _PEER_GONE)
