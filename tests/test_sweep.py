@@ -543,8 +543,17 @@ def test_search_file_errors_name_the_file(tmp_path: Path, text: str, message: st
 
 @pytest.fixture
 def warm_config_dir(config_dir: Path) -> Path:
+    """MNLI and STS-B configs on a GLUE folder holding their training files (the bundled sample has neither; the
+    sweep checks that each run's folder holds its task: these tests' stand-in training never reads them)."""
+    from train.tasks import get_task
+
+    glue = config_dir.parent / "glue"
     for task in ("mnli", "stsb"):
-        (config_dir / f"{task}.yaml").write_text(TINY_TASK.format(task=task))
+        train = glue / get_task(task).split("train")[0].tsv
+        train.parent.mkdir(parents=True)
+        train.write_text("index\tsentence1\tsentence2\tlabel\n")
+        text = TINY_TASK.format(task=task).replace("builtin:glue-sample", str(glue))
+        (config_dir / f"{task}.yaml").write_text(text)
     return config_dir
 
 
