@@ -160,7 +160,8 @@ def build_data(
 ) -> Data:
     collate = batches.make_collator(inputs, task.is_regression, cfg.data.pad_to_multiple_of, buckets=buckets)
     pin = acc.device.type == "cuda"
-    _warn_about_workers(cfg.data.num_workers, acc.num_processes)
+    if acc.is_main_process:  # one warning per launch
+        _warn_about_workers(cfg.data.num_workers, acc.num_processes)
     lengths = batches.row_lengths(splits.train) if cfg.data.group_by_length else None
     sampler = batches.PlanSampler(len(splits.train), layout, acc.process_index, cfg.seed, lengths)
     loader = batches.train_loader(splits.train, sampler, collate, cfg.data.num_workers, pin)
