@@ -257,13 +257,8 @@ def _range_text(task: Task) -> str:
     return f"from {lo:g} to {hi:g}"
 
 
-def read_tsv(path: Path, task: Task, split: Split) -> Columns:
-    """Read one official GLUE TSV file; every row is checked against the task (:class:`RowCheck`).
-
-    Rows end at "\\n" (or "\\r\\n") only, and fields are split at tabs with no quoting: GLUE text contains
-    unbalanced quotes (csv's default quoting silently merges rows) and, rarely, other line-break characters
-    (which str.splitlines would break rows at). Every row must have as many fields as the header.
-    """
+def check_split_file(path: Path, task: Task, split: Split) -> None:
+    """That a split's GLUE file is there, as a file: the one check (reading it, and a sweep before it starts)."""
     if path.exists() and not path.is_file():
         raise DataError(
             f"{path} is not a file (task {task.name}, split {split.name}); put the GLUE file there"
@@ -274,6 +269,16 @@ def read_tsv(path: Path, task: Task, split: Split) -> Columns:
             "under data.glue_dir, or unset data.glue_dir to use the Hub dataset"
             + ("; or set eval.predict_test=false to skip test predictions" if split.kind == "test" else "")
         )
+
+
+def read_tsv(path: Path, task: Task, split: Split) -> Columns:
+    """Read one official GLUE TSV file; every row is checked against the task (:class:`RowCheck`).
+
+    Rows end at "\\n" (or "\\r\\n") only, and fields are split at tabs with no quoting: GLUE text contains
+    unbalanced quotes (csv's default quoting silently merges rows) and, rarely, other line-break characters
+    (which str.splitlines would break rows at). Every row must have as many fields as the header.
+    """
+    check_split_file(path, task, split)
     lines = _lines(path)
     headerless = task.tsv_label is None and split.kind != "test"  # CoLA train/dev
     if headerless:

@@ -249,19 +249,19 @@ def config_drift(run: SweepRun, cfg: object) -> list[str]:
 def _data_problem(cfg) -> str | None:
     """Whether a run's GLUE folder lacks its task's training file (a bundled sample holds a few tasks): said
     before a sweep starts, not when the run's turn comes (on a cluster, after its wait in the queue)."""
-    from train.data.glue import glue_folder
-    from train.errors import ConfigError
+    from train.data.glue import check_split_file, glue_folder
+    from train.errors import UserError
     from train.tasks import get_task
 
     if cfg.data.glue_dir is None:
         return None  # the Hub dataset: read (or refused) by the run itself
     task = get_task(cfg.data.task)
+    split = task.split("train")[0]
     try:
-        folder = glue_folder(cfg.data.glue_dir, task)
-    except ConfigError as e:
+        check_split_file(glue_folder(cfg.data.glue_dir, task) / split.tsv, task, split)
+    except UserError as e:
         return str(e)
-    train = folder / task.split("train")[0].tsv
-    return None if train.is_file() else f"missing GLUE file {train} (data.glue_dir, task {task.name})"
+    return None
 
 
 def check_plan(runs: list[SweepRun]) -> list[str]:
